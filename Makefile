@@ -1,0 +1,40 @@
+# geomreg: set-up, demo, tests, benchmarks. Every target creates .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test test-all bench lint sample-data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@bash scripts/ensure_system_deps.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) bench/bench_dense.py
+
+lint: setup
+	$(VENV)/bin/ruff check geomreg cli tests bench
+
+sample-data: setup
+	$(PY) scripts/make_sample_data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
