@@ -1,0 +1,28 @@
+"""geomreg: point-cloud and density-image registration with geometric losses.
+
+The library under the ``geomreg`` command. Importing it is cheap: torch is imported only
+when :func:`divergence` is first called.
+"""
+
+from ._version import __version__
+from .errors import BackendUnavailable, GeomregError, InputError, OutputError, ParameterError
+from .measure import Grid, Measure
+
+__all__ = [
+    "BackendUnavailable",
+    "GeomregError",
+    "Grid",
+    "InputError",
+    "Measure",
+    "OutputError",
+    "ParameterError",
+    "__version__",
+    "divergence",
+]
+
+
+def divergence(*args, **kwargs):
+    """Divergence between two measures; see :func:`geomreg.api.divergence`."""
+    from .api import divergence as _divergence
+
+    return _divergence(*args, **kwargs)

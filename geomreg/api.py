@@ -1,0 +1,321 @@
+"""The library's front door: :func:`divergence`.
+
+Inputs are :class:`~geomreg.measure.Measure` objects, numpy arrays or torch tensors
+(``(N, D)``, or ``(B, N, D)`` batches); everything is validated here, once, then handed
+to one loss on one backend.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .engine import choose_backend, get_backend
+from .errors import InputError, ParameterError
+from .losses import KERNELS, LOSSES, hausdorff_loss, kernel_loss, sinkhorn_loss
+from .measure import Measure
+from .results import DivergenceResult, StepLog
+from .schedule import EpsilonSchedule, estimate_steps
+
+#: Default stopping tolerance on the relative L1 marginal error (see README, "Convergence").
+DEFAULT_TOL = 1e-3
+#: Default cap on Sinkhorn iterations (schedule steps included).
+DEFAULT_MAX_ITER = 1000
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def divergence(
+    x: Any,
+    y: Any,
+    *,
+    a: Any = None,
+    b: Any = None,
+    loss: str = "sinkhorn",
+    p: int = 2,
+    blur: float = 0.05,
+    reach: float | None = None,
+    diameter: float | None = None,
+    scaling: float = 0.5,
+    debias: bool = True,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    normalize: bool = True,
+    potentials: bool = False,
+    on_step: Callable[[StepLog], None] | None = None,
+) -> DivergenceResult:
+    r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
+
+    Args:
+        x: source points: a Measure, or an ``(N, D)`` / ``(B, N, D)`` array or tensor.
+        y: target points, same kinds; same D (and same B for batches).
+        a: source weights ``(N,)`` / ``(B, N)``; default: the Measure's, else uniform 1/N.
+        b: target weights, likewise.
+        loss: ``sinkhorn``, ``hausdorff``, ``energy``, ``gaussian`` or ``laplacian``.
+        p: cost exponent for sinkhorn and hausdorff: 1 (``|x-y|``) or 2 (``|x-y|^2/2``).
+        blur: sigma; the temperature is eps = blur ** p; the kernel width for gaussian and
+            laplacian; unused by energy.
+        reach: unbalanced OT with rho = reach ** p (sinkhorn only); None: balanced.
+        diameter: largest distance scale for the schedule; default: the diagonal of the
+            bounding box of both clouds.
+        scaling: ratio in (0, 1) between successive blur scales of the schedule.
+        debias: Sinkhorn divergence S_eps (True) or entropic OT_eps (False).
+        tol: stop when every marginal error is <= tol; ``math.inf`` runs GeomLoss's
+            schedule exactly and nothing more.
+        max_iter: most Sinkhorn iterations, schedule steps included.
+        backend: ``"auto"`` or a registered backend name.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (or ``"cuda:1"``); default: the device of
+            tensor inputs, else auto (CUDA when torch sees a GPU).
+        dtype: ``"float32"`` or ``"float64"``; default: that of float tensor inputs, else
+            float32.
+        normalize: scale both weight vectors to total mass 1 (the CLI's default; its
+            ``--keep-mass`` sets this to False).
+        potentials: also return the dual potentials ``(F, G)``.
+        on_step: callback receiving each Sinkhorn :class:`StepLog` as it completes.
+
+    Returns:
+        A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
+        tensor inputs that require gradients (points and weights).
+
+    Raises:
+        ParameterError: a parameter outside its domain.
+        InputError: inconsistent inputs (dimensions, masses, non-finite values).
+        BackendUnavailable: the backend cannot run this problem here.
+    """
+    loss, p, blur, reach, tol, max_iter = _check_params(loss, p, blur, reach, scaling, tol,
+                                                        max_iter, diameter)
+    dev = _resolve_device(device, x, y)
+    dt = _resolve_dtype(dtype, x, y)
+    xs, a_t, x_name = _as_tensors(x, a, "x", dev, dt)
+    ys, b_t, y_name = _as_tensors(y, b, "y", dev, dt)
+    batched = xs.dim() == 3
+    if not batched:
+        xs, a_t, ys, b_t = xs[None], a_t[None], ys[None], b_t[None]
+    _check_pair(xs, ys, x_name, y_name)
+    if normalize:
+        a_t = a_t / a_t.sum(-1, keepdim=True)
+        b_t = b_t / b_t.sum(-1, keepdim=True)
+    m_a, m_b = a_t.sum(-1).detach(), b_t.sum(-1).detach()
+    if loss == "sinkhorn" and reach is None:
+        gap = (m_a - m_b).abs().max().item()
+        if gap > 1e-6 * max(m_a.max().item(), m_b.max().item()):
+            raise InputError(
+                "--keep-mass",
+                f"total masses differ ({m_a.max().item():.6g} vs {m_b.max().item():.6g}); "
+                "balanced OT needs equal masses: give --reach for unbalanced OT, or "
+                "normalise the weights",
+            )
+
+    # Translation-invariant losses: centre once, for float32 accuracy far from the origin.
+    with torch.no_grad():
+        lo = torch.minimum(xs.reshape(-1, xs.shape[-1]).min(0).values,
+                           ys.reshape(-1, ys.shape[-1]).min(0).values)
+        hi = torch.maximum(xs.reshape(-1, xs.shape[-1]).max(0).values,
+                           ys.reshape(-1, ys.shape[-1]).max(0).values)
+        centre = (lo + hi) / 2
+        bbox_diameter = float((hi - lo).norm())
+    xs, ys = xs - centre, ys - centre
+
+    choice = choose_backend(
+        backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
+        itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
+    )
+    engine = get_backend(choice.name)
+
+    params: dict[str, Any] = {"p": p, "blur": blur}
+    t0 = _now(xs.device)
+    if loss == "sinkhorn":
+        d = bbox_diameter if diameter is None else float(diameter)
+        n_steps = estimate_steps(p, d, blur, scaling)
+        if n_steps + 1 > max_iter:
+            raise ParameterError(
+                "--max-iter",
+                f"the schedule alone needs {n_steps + 1} iterations (diameter {d:.4g}, blur "
+                f"{blur:g}, scaling {scaling:g}), more than --max-iter {max_iter}",
+            )
+        schedule = EpsilonSchedule(p, d, blur, scaling)
+        out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
+                            debias=debias, tol=tol, max_iter=max_iter, on_step=on_step)
+        params.update(eps=schedule.eps, reach=reach, rho=None if reach is None else reach**p,
+                      diameter=d, scaling=scaling, debias=debias, tol=tol, max_iter=max_iter)
+    elif loss == "hausdorff":
+        out = hausdorff_loss(engine, xs, a_t, ys, b_t, p=p, blur=blur)
+        params.update(eps=blur**p)
+    else:
+        out = kernel_loss(engine, xs, a_t, ys, b_t, name=loss, blur=blur, potentials=potentials)
+        params = {} if loss == "energy" else {"blur": blur}
+    elapsed = _now(xs.device) - t0
+
+    value = out.values if batched else out.values[0]
+    pots = None
+    if potentials:
+        f, g = out.potentials
+        pots = (f, g) if batched else (f[0], g[0])
+    return DivergenceResult(
+        value=value,
+        loss=loss,
+        params=params,
+        n_points=(xs.shape[1], ys.shape[1]),
+        dim=xs.shape[2],
+        masses=(float(m_a.max()), float(m_b.max())) if not batched else
+        (float(m_a[0]), float(m_b[0])),
+        backend=choice.name,
+        backend_reason=choice.reason,
+        device=str(xs.device),
+        dtype=str(xs.dtype).replace("torch.", ""),
+        converged=out.converged,
+        n_iter=out.n_iter,
+        marginal_error=out.marginal_error,
+        schedule=out.steps,
+        potentials=pots,
+        time_s=elapsed,
+        versions=versions(),
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions that a result depends on."""
+    return {
+        "geomreg": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _check_params(loss, p, blur, reach, scaling, tol, max_iter, diameter):
+    if loss not in LOSSES:
+        raise ParameterError("--loss", f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ParameterError("--p", f"must be 1 or 2, got {p}")
+    p = int(p)
+    blur = float(blur)
+    if not (blur > 0 and math.isfinite(blur)):
+        raise ParameterError("--blur", f"must be a positive finite number, got {blur:g}")
+    if reach is not None:
+        reach = float(reach)
+        if math.isinf(reach) and reach > 0:
+            reach = None
+        elif not reach > 0:
+            raise ParameterError("--reach", f"must be positive, got {reach:g}")
+        elif loss != "sinkhorn":
+            raise ParameterError("--reach", f"applies to the sinkhorn loss only, not {loss}")
+    if not (0 < float(scaling) < 1):
+        raise ParameterError("--scaling", f"must lie in (0, 1), got {scaling:g}")
+    if diameter is not None and not (float(diameter) >= 0 and math.isfinite(float(diameter))):
+        raise ParameterError("--diameter", f"must be finite and >= 0, got {diameter:g}")
+    tol = float(tol)
+    if not tol >= 0:
+        raise ParameterError("--tol", f"must be >= 0 (inf: no convergence check), got {tol:g}")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ParameterError("--max-iter", f"must be a positive integer, got {max_iter}")
+    if loss in KERNELS and loss != "energy":
+        pass  # blur is the kernel width, checked above
+    return loss, p, blur, reach, tol, int(max_iter)
+
+
+def _resolve_device(device, x, y) -> torch.device:
+    if device is None:
+        for t in (x, y):
+            if isinstance(t, torch.Tensor):
+                return t.device
+        device = "auto"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ParameterError("--device", f"unknown device {device!r}: auto, cpu or cuda") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable("--device", "cuda requested but torch sees no CUDA GPU here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ParameterError("--device", f"unsupported device {device!r}: auto, cpu or cuda")
+    return dev
+
+
+def _resolve_dtype(dtype, x, y) -> torch.dtype:
+    if dtype is None:
+        for t in (x, y):
+            if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64):
+                return t.dtype
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ParameterError("--dtype", f"must be float32 or float64, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ParameterError("--dtype", f"must be float32 or float64, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _as_tensors(x, w, name, dev, dt):
+    """Points ``(N, D)``/``(B, N, D)`` and weights ``(N,)``/``(B, N)`` as tensors."""
+    if isinstance(x, Measure):
+        name = x.source
+        if w is None:
+            w = x.weights
+        x = x.points
+    pts = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+    if pts.dim() == 1:
+        pts = pts[:, None]
+    if pts.dim() not in (2, 3):
+        raise InputError(name, f"expected (N, D) or (B, N, D) points, found shape {tuple(pts.shape)}")
+    if pts.shape[-2] < 1 or pts.shape[-1] < 1:
+        raise InputError(name, f"needs at least 1 point of dimension >= 1, found {tuple(pts.shape)}")
+    pts = pts.to(device=dev, dtype=dt)
+    if not torch.isfinite(pts.detach()).all():
+        raise InputError(name, "non-finite coordinate (NaN or inf)")
+    n = pts.shape[-2]
+    if w is None:
+        wt = torch.full(pts.shape[:-1], 1.0 / n, device=dev, dtype=dt)
+    else:
+        wt = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w, dtype=np.float64))
+        wt = wt.to(device=dev, dtype=dt)
+        if tuple(wt.shape) != tuple(pts.shape[:-1]):
+            raise InputError(name, f"expected weights of shape {tuple(pts.shape[:-1])}, "
+                             f"found {tuple(wt.shape)}")
+        wd = wt.detach()
+        if not torch.isfinite(wd).all():
+            raise InputError(name, "non-finite weight")
+        if (wd < 0).any():
+            raise InputError(name, "negative weight; weights must be >= 0")
+        if not (wd.sum(-1) > 0).all():
+            raise InputError(name, "all weights are zero; a measure needs positive total mass")
+    return pts, wt, name
+
+
+def _check_pair(xs, ys, x_name, y_name):
+    if xs.shape[-1] != ys.shape[-1]:
+        raise InputError(y_name, f"points have dimension {ys.shape[-1]} but {x_name} has "
+                         f"dimension {xs.shape[-1]}")
+    if xs.shape[0] != ys.shape[0]:
+        raise InputError(y_name, f"batch of {ys.shape[0]} but {x_name} has a batch of "
+                         f"{xs.shape[0]}")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

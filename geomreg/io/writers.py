@@ -1,0 +1,159 @@
+"""Writers: output files appear complete or not at all, and never replace an input.
+
+Every writer goes through :func:`atomic_write`: the data is written to a temporary file
+in the target's folder, flushed to disk, then renamed onto the target in one step, so a
+reader (or a crash, or Ctrl-C) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write_fn: Callable[[str], object],
+    *,
+    protect: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write a file atomically: ``write_fn`` fills a temporary file renamed onto ``path``.
+
+    Args:
+        path: the file to create or replace; its parent folder must exist.
+        write_fn: called with the temporary file's path (a str); writes the whole content
+            there.
+        protect: paths that must not be overwritten (the input files); compared after
+            resolving links, and by identity of the file (hard links) when both exist.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: the parent folder does not exist, ``path`` is a folder or one of the
+            protected files, or the file system refuses the write (permissions, disk full).
+        Exception: whatever ``write_fn`` raises (other than OSError), re-raised after the
+            temporary file is removed; so is KeyboardInterrupt.
+    """
+    path = Path(path)
+    where = str(path)
+    parent = path.parent
+    if not parent.exists():
+        raise OutputError(where, f"parent folder does not exist ({parent})")
+    if not parent.is_dir():
+        raise OutputError(where, f"parent {parent} is not a folder")
+    if path.is_dir():
+        raise OutputError(where, "is a directory, expected a file name")
+    for other in protect:
+        if _same_file(path, Path(other)):
+            raise OutputError(where, "refusing to overwrite an input file")
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix="." + path.name + ".", dir=parent)
+    except OSError as exc:
+        raise OutputError(where, f"cannot write in {parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        _fsync(tmp)
+        os.chmod(tmp, _target_mode(path))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(where, f"could not write: {exc.strerror or exc}") from exc
+        raise
+    _fsync_dir(parent)
+    return path
+
+
+def write_npy(path: str | os.PathLike, array, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Save a numeric array as ``.npy`` atomically, to exactly ``path``.
+
+    Args:
+        path: the target file (no ``.npy`` is appended to it).
+        array: anything :func:`numpy.asarray` turns into an array; object arrays are
+            refused (they would need pickling).
+        protect: input files that must not be overwritten (see :func:`atomic_write`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    arr = np.asarray(array)
+
+    def _save(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    return atomic_write(path, _save, protect=protect)
+
+
+def write_text(
+    path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """Write ``text`` (UTF-8) atomically to ``path``.
+
+    Args:
+        path: the target file.
+        text: the whole content.
+        protect: input files that must not be overwritten (see :func:`atomic_write`).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+
+    def _save(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+
+    return atomic_write(path, _save, protect=protect)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Tell whether ``a`` and ``b`` name the same file (same real path, or same inode)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _target_mode(path: Path) -> int:
+    """Permissions for the new file: the old file's, else the default for new files."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable; not every platform can open a folder, so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

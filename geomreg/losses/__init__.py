@@ -1,0 +1,10 @@
+"""The losses geomreg computes, each written once against the engine contract."""
+
+from .hausdorff import hausdorff_loss
+from .kernels import KERNELS, kernel_loss
+from .sinkhorn import sinkhorn_loss
+
+#: every loss name accepted by :func:`geomreg.divergence` and ``--loss``
+LOSSES = ("sinkhorn", "hausdorff", *KERNELS)
+
+__all__ = ["KERNELS", "LOSSES", "hausdorff_loss", "kernel_loss", "sinkhorn_loss"]

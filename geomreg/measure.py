@@ -1,0 +1,125 @@
+"""The one type every reader produces and every loss consumes: a weighted point cloud.
+
+A :class:`Measure` is ``alpha = sum_i a_i delta_{x_i}`` with points ``(N, D)`` and
+non-negative weights ``(N,)``. Validation happens here, once, where data enters; the
+engine and the losses trust what they receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where an image's pixels sit, for measures read from density images.
+
+    Attributes:
+        shape: the image shape ``(H, W)`` (rows, columns) or a volume's ``(H, W, D)``.
+        spacing: the side of one (square) pixel; the longer image side spans [0, 1].
+        mask: flat indices (row-major, rows flipped so that +y is up) of the pixels kept
+            as points, i.e. those with positive mass.
+    """
+
+    shape: tuple[int, ...]
+    spacing: float
+    mask: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Measure:
+    r"""A weighted point cloud :math:`\alpha = \sum_i a_i \delta_{x_i}`.
+
+    Attributes:
+        points: ``(N, D)`` float64 array, finite, N >= 1, D >= 1.
+        weights: ``(N,)`` float64 array, finite, >= 0, positive total mass.
+        source: where the measure came from (a file name), used in error messages.
+        grid: pixel layout when the measure was read from an image, else None.
+    """
+
+    points: np.ndarray
+    weights: np.ndarray
+    source: str = "<array>"
+    grid: Grid | None = None
+
+    def __post_init__(self):
+        pts = np.asarray(self.points)
+        where = self.source
+        if pts.dtype == object or not np.issubdtype(pts.dtype, np.number) or np.issubdtype(
+            pts.dtype, np.complexfloating
+        ):
+            raise InputError(where, f"points must be real numbers, found dtype {pts.dtype}")
+        if pts.ndim == 1:
+            pts = pts[:, None]
+        if pts.ndim != 2:
+            raise InputError(
+                where, f"points must be an (N, D) array, found {pts.ndim} dimensions {pts.shape}"
+            )
+        n, d = pts.shape
+        if n < 1:
+            raise InputError(where, "0 points; a point cloud needs at least 1")
+        if d < 1:
+            raise InputError(where, "points have 0 coordinates; need at least 1 (N, D >= 1)")
+        pts = pts.astype(np.float64, copy=False)
+        bad = ~np.isfinite(pts)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise InputError(where, f"non-finite coordinate (NaN or inf) at point {row}")
+        w = np.full(n, 1.0 / n) if self.weights is None else np.asarray(self.weights)
+        w = _check_weights(w, n, where)
+        object.__setattr__(self, "points", pts)
+        object.__setattr__(self, "weights", w)
+
+    @classmethod
+    def uniform(cls, points, source: str = "<array>") -> Measure:
+        """A measure with weights 1/N on the given ``(N, D)`` points."""
+        pts = np.asarray(points)
+        n = pts.shape[0] if pts.ndim >= 1 else 0
+        return cls(pts, np.full(n, 1.0 / max(n, 1)), source)
+
+    @property
+    def n(self) -> int:
+        """Number of points N."""
+        return self.points.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Ambient dimension D."""
+        return self.points.shape[1]
+
+    @property
+    def mass(self) -> float:
+        """Total mass sum_i a_i."""
+        return float(self.weights.sum())
+
+    def with_weights(self, weights, source: str | None = None) -> Measure:
+        """The same points with other weights (validated against N)."""
+        return Measure(self.points, weights, source or self.source, self.grid)
+
+    def normalized(self) -> Measure:
+        """The same measure scaled to total mass 1."""
+        return Measure(self.points, self.weights / self.weights.sum(), self.source, self.grid)
+
+
+def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Validate a weight vector for N points; returns it as float64 (N,)."""
+    if w.dtype == object or not np.issubdtype(w.dtype, np.number) or np.issubdtype(
+        w.dtype, np.complexfloating
+    ):
+        raise InputError(where, f"weights must be real numbers, found dtype {w.dtype}")
+    w = np.squeeze(w) if w.ndim > 1 and max(w.shape) == w.size else w
+    w = np.atleast_1d(w).astype(np.float64, copy=False)
+    if w.ndim != 1 or w.shape[0] != n:
+        raise InputError(where, f"expected {n} weights (one per point), found shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise InputError(where, f"non-finite weight at index {int(np.argmin(np.isfinite(w)))}")
+    if (w < 0).any():
+        i = int(np.argmax(w < 0))
+        raise InputError(where, f"negative weight {w[i]:g} at index {i}; weights must be >= 0")
+    if not w.sum() > 0:
+        raise InputError(where, "all weights are zero; a measure needs positive total mass")
+    return w
