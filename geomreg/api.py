@@ -7,7 +7,6 @@ to one loss on one backend.
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -16,18 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import defaults
 from ._version import __version__
 from .engine import choose_backend, get_backend
 from .errors import InputError, ParameterError
-from .losses import KERNELS, LOSSES, hausdorff_loss, kernel_loss, sinkhorn_loss
+from .losses import hausdorff_loss, kernel_loss, sinkhorn_loss
 from .measure import Measure
+from .params import check_params
 from .results import DivergenceResult, StepLog
 from .schedule import EpsilonSchedule, estimate_steps
 
-#: Default stopping tolerance on the relative L1 marginal error (see README, "Convergence").
-DEFAULT_TOL = 1e-3
-#: Default cap on Sinkhorn iterations (schedule steps included).
-DEFAULT_MAX_ITER = 1000
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -38,14 +35,14 @@ def divergence(
     a: Any = None,
     b: Any = None,
     loss: str = "sinkhorn",
-    p: int = 2,
-    blur: float = 0.05,
+    p: int = defaults.P,
+    blur: float = defaults.BLUR,
     reach: float | None = None,
     diameter: float | None = None,
-    scaling: float = 0.5,
+    scaling: float = defaults.SCALING,
     debias: bool = True,
-    tol: float = DEFAULT_TOL,
-    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = defaults.TOL,
+    max_iter: int = defaults.MAX_ITER,
     backend: str = "auto",
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -91,8 +88,8 @@ def divergence(
         InputError: inconsistent inputs (dimensions, masses, non-finite values).
         BackendUnavailable: the backend cannot run this problem here.
     """
-    loss, p, blur, reach, tol, max_iter = _check_params(loss, p, blur, reach, scaling, tol,
-                                                        max_iter, diameter)
+    loss, p, blur, reach, tol, max_iter = check_params(loss, p, blur, reach, scaling, tol,
+                                                       max_iter, diameter)
     dev = _resolve_device(device, x, y)
     dt = _resolve_dtype(dtype, x, y)
     xs, a_t, x_name = _as_tensors(x, a, "x", dev, dt)
@@ -190,37 +187,6 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def _check_params(loss, p, blur, reach, scaling, tol, max_iter, diameter):
-    if loss not in LOSSES:
-        raise ParameterError("--loss", f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if p not in (1, 2) or isinstance(p, bool):
-        raise ParameterError("--p", f"must be 1 or 2, got {p}")
-    p = int(p)
-    blur = float(blur)
-    if not (blur > 0 and math.isfinite(blur)):
-        raise ParameterError("--blur", f"must be a positive finite number, got {blur:g}")
-    if reach is not None:
-        reach = float(reach)
-        if math.isinf(reach) and reach > 0:
-            reach = None
-        elif not reach > 0:
-            raise ParameterError("--reach", f"must be positive, got {reach:g}")
-        elif loss != "sinkhorn":
-            raise ParameterError("--reach", f"applies to the sinkhorn loss only, not {loss}")
-    if not (0 < float(scaling) < 1):
-        raise ParameterError("--scaling", f"must lie in (0, 1), got {scaling:g}")
-    if diameter is not None and not (float(diameter) >= 0 and math.isfinite(float(diameter))):
-        raise ParameterError("--diameter", f"must be finite and >= 0, got {diameter:g}")
-    tol = float(tol)
-    if not tol >= 0:
-        raise ParameterError("--tol", f"must be >= 0 (inf: no convergence check), got {tol:g}")
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ParameterError("--max-iter", f"must be a positive integer, got {max_iter}")
-    if loss in KERNELS and loss != "energy":
-        pass  # blur is the kernel width, checked above
-    return loss, p, blur, reach, tol, int(max_iter)
 
 
 def _resolve_device(device, x, y) -> torch.device:

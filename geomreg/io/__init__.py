@@ -7,6 +7,14 @@ write outputs that appear complete or not at all.
 """
 
 from .readers import SUFFIXES, read_measure, read_weights
-from .writers import atomic_write, write_npy, write_text
+from .writers import atomic_write, check_output, write_npy, write_text
 
-__all__ = ["SUFFIXES", "atomic_write", "read_measure", "read_weights", "write_npy", "write_text"]
+__all__ = [
+    "SUFFIXES",
+    "atomic_write",
+    "check_output",
+    "read_measure",
+    "read_weights",
+    "write_npy",
+    "write_text",
+]

@@ -41,18 +41,8 @@ def atomic_write(
         Exception: whatever ``write_fn`` raises (other than OSError), re-raised after the
             temporary file is removed; so is KeyboardInterrupt.
     """
-    path = Path(path)
-    where = str(path)
-    parent = path.parent
-    if not parent.exists():
-        raise OutputError(where, f"parent folder does not exist ({parent})")
-    if not parent.is_dir():
-        raise OutputError(where, f"parent {parent} is not a folder")
-    if path.is_dir():
-        raise OutputError(where, "is a directory, expected a file name")
-    for other in protect:
-        if _same_file(path, Path(other)):
-            raise OutputError(where, "refusing to overwrite an input file")
+    path = check_output(path, protect=protect)
+    where, parent = str(path), path.parent
     try:
         fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix="." + path.name + ".", dir=parent)
     except OSError as exc:
@@ -72,6 +62,35 @@ def atomic_write(
             raise OutputError(where, f"could not write: {exc.strerror or exc}") from exc
         raise
     _fsync_dir(parent)
+    return path
+
+
+def check_output(path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Check that ``path`` can be written (before any long computation starts).
+
+    Args:
+        path: the output file.
+        protect: input files that must not be overwritten.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: missing parent folder, parent not a folder, target is a folder or
+            one of the protected files.
+    """
+    path = Path(path)
+    where = str(path)
+    parent = path.parent
+    if not parent.exists():
+        raise OutputError(where, f"parent folder does not exist ({parent})")
+    if not parent.is_dir():
+        raise OutputError(where, f"parent {parent} is not a folder")
+    if path.is_dir():
+        raise OutputError(where, "is a directory, expected a file name")
+    for other in protect:
+        if _same_file(path, Path(other)):
+            raise OutputError(where, "refusing to overwrite an input file")
     return path
 
 

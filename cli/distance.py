@@ -1,0 +1,165 @@
+"""``geomreg distance A B``: one divergence between two files, printed as data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geomreg import defaults
+
+from .main import EXIT_NOT_CONVERGED, handle_errors
+from .output import dumps, err_console, print_data, schedule_table, warn
+
+LOSS_HELP = (
+    "sinkhorn (debiased entropic OT, S_eps), hausdorff, energy (half the energy distance), "
+    "gaussian, laplacian (kernel MMDs: 1/2 |a - b|_k^2)."
+)
+
+
+def distance(
+    a: Annotated[Path, typer.Argument(help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")],
+    b: Annotated[Path, typer.Argument(help="Target measure, same kinds (same dimension as A).")],
+    loss: Annotated[str, typer.Option(help=LOSS_HELP)] = "sinkhorn",
+    p: Annotated[int, typer.Option("--p", help="Cost exponent: 1 (|x-y|) or 2 (|x-y|^2/2).")] = defaults.P,
+    blur: Annotated[
+        float, typer.Option(help="Blur sigma: eps = blur^p; kernel width for gaussian/laplacian.")
+    ] = defaults.BLUR,
+    reach: Annotated[
+        float | None, typer.Option(help="Unbalanced OT with rho = reach^p (sinkhorn). Default: balanced.")
+    ] = None,
+    diameter: Annotated[
+        float | None, typer.Option(help="Largest distance of the problem (default: bounding-box diagonal).")
+    ] = None,
+    scaling: Annotated[
+        float, typer.Option(help="Ratio of successive blurs in the eps-schedule, in (0, 1).")
+    ] = defaults.SCALING,
+    debias: Annotated[bool, typer.Option("--debias/--no-debias", help="Debiased S_eps, or OT_eps.")] = True,
+    tol: Annotated[
+        float,
+        typer.Option(help="Stop when every marginal error is <= tol; 'inf' runs GeomLoss's schedule only."),
+    ] = defaults.TOL,
+    max_iter: Annotated[
+        int, typer.Option(help="Most Sinkhorn iterations, schedule included.")
+    ] = defaults.MAX_ITER,
+    backend: Annotated[str, typer.Option(help="auto or tensorized.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    weights_a: Annotated[Path | None, typer.Option(help="Weights of A: .npy or text, one per point.")] = None,
+    weights_b: Annotated[Path | None, typer.Option(help="Weights of B: .npy or text, one per point.")] = None,
+    weight_property: Annotated[
+        str | None, typer.Option(help="Per-vertex PLY property used as weights of both A and B.")
+    ] = None,
+    mass: Annotated[str, typer.Option(help="Images: 'dark' (dark pixels carry mass) or 'bright'.")] = "dark",
+    keep_mass: Annotated[
+        bool, typer.Option("--keep-mass", help="Do not normalise weights to mass 1 (for unbalanced OT).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print the eps-scaling log on stderr.")
+    ] = False,
+    log: Annotated[
+        Path | None, typer.Option(help="Write the eps-scaling log as JSON lines to this file.")
+    ] = None,
+    potentials: Annotated[
+        str | None, typer.Option(help="Write the dual potentials to PREFIX_a.npy and PREFIX_b.npy.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of the value.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Compute the divergence between measures A and B and print it on stdout.
+
+    Weights are normalised to total mass 1 unless --keep-mass. Images are density maps
+    (dark is mass unless --mass bright) on square pixels, the longer side spanning [0, 1].
+    """
+    with handle_errors(debug):
+        from geomreg.io import check_output, read_measure
+        from geomreg.params import check_params
+
+        check_params(loss, p, blur, reach, scaling, tol, max_iter, diameter)
+        inputs = [a, b] + [w for w in (weights_a, weights_b) if w is not None]
+        outputs = [log] if log is not None else []
+        if potentials is not None:
+            outputs += [Path(f"{potentials}_a.npy"), Path(f"{potentials}_b.npy")]
+        for out in outputs:
+            check_output(out, protect=inputs)
+
+        mu = read_measure(a, weights=weights_a, weight_property=weight_property, mass=mass)
+        nu = read_measure(b, weights=weights_b, weight_property=weight_property, mass=mass)
+        result = _compute(
+            mu,
+            nu,
+            loss=loss,
+            p=p,
+            blur=blur,
+            reach=reach,
+            diameter=diameter,
+            scaling=scaling,
+            debias=debias,
+            tol=tol,
+            max_iter=max_iter,
+            backend=backend,
+            device=device,
+            dtype=dtype,
+            normalize=not keep_mass,
+            potentials=potentials is not None,
+        )
+
+        _write_outputs(result, log=log, potentials=potentials, protect=inputs)
+        if verbose and result.schedule:
+            err_console().print(schedule_table(result.schedule))
+        if verbose:
+            err_console().print(
+                f"{result.loss} = {result.value.item():.6g} | backend {result.backend} "
+                f"({result.backend_reason}) | {result.device} {result.dtype} | "
+                f"{result.n_iter} iterations | marginal error {result.marginal_error} | "
+                f"{result.time_s:.3f} s"
+            )
+        record = result.to_dict()
+        record.update(a=str(a), b=str(b), mass=mass, keep_mass=keep_mass)
+        print_data(dumps(record) if json_out else repr(result.value.item()))
+        if not result.converged:
+            warn(
+                f"not converged after {result.n_iter} iterations: marginal error "
+                f"{result.marginal_error:.3g} > --tol {tol:g}; raise --max-iter or --blur"
+            )
+            raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+def _compute(mu, nu, **kwargs):
+    """Run the divergence with a transient status line on stderr for long runs."""
+    from geomreg.api import divergence
+
+    console = err_console()
+    if not console.is_terminal:
+        return divergence(mu, nu, **kwargs)
+    started = time.perf_counter()
+    with console.status("computing...", spinner="dots") as status:
+
+        def on_step(step):
+            if time.perf_counter() - started > 0.5:
+                status.update(
+                    f"Sinkhorn step {step.index} ({step.phase}) eps={step.eps:.3g} "
+                    f"marginal error={step.marginal_error:.2e}"
+                )
+
+        return divergence(mu, nu, on_step=on_step, **kwargs)
+
+
+def _write_outputs(result, *, log, potentials, protect) -> None:
+    from geomreg.io import write_npy, write_text
+
+    if log is not None:
+        write_text(log, "".join(dumps(s.to_dict()) + "\n" for s in result.schedule), protect=protect)
+    if potentials is not None:
+        f, g = result.potentials
+        write_npy(f"{potentials}_a.npy", f.detach().cpu().double().numpy(), protect=protect)
+        write_npy(f"{potentials}_b.npy", g.detach().cpu().double().numpy(), protect=protect)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("distance")(distance)

@@ -1,0 +1,78 @@
+"""Where output goes: stdout is data, stderr is people (CONVENTIONS.md, 9)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def err_console():
+    """The rich console on stderr, for tables, warnings and progress."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def jsonable(obj: Any) -> Any:
+    """Recursively replace non-finite floats by the strings "inf", "-inf", "nan" (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON (no NaN/Infinity literals)."""
+    return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def print_data(text: str) -> None:
+    """Write one line of data to stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    err_console().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def schedule_table(steps, title: str = "Sinkhorn loop", max_rows: int = 40):
+    """A rich table of the Sinkhorn log; long converge phases are thinned to ``max_rows``."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("step", "phase", "eps", "sigma", "time s", "change", "marginal err"):
+        table.add_column(col, justify="right")
+    shown = _thin(len(steps), max_rows)
+    last = -1
+    for i in shown:
+        if i > last + 1:
+            table.add_row("...", "", "", "", "", "", "")
+        s = steps[i]
+        table.add_row(
+            str(s.index),
+            s.phase,
+            f"{s.eps:.4g}",
+            f"{s.sigma:.4g}",
+            f"{s.elapsed_s:.3f}",
+            f"{s.change:.3e}",
+            f"{s.marginal_error:.3e}",
+        )
+        last = i
+    return table
+
+
+def _thin(n: int, max_rows: int) -> list[int]:
+    """Indices to show: everything when short, else the head and the tail."""
+    if n <= max_rows:
+        return list(range(n))
+    head = max_rows // 2
+    return list(range(head)) + list(range(n - (max_rows - head), n))

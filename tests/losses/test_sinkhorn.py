@@ -1,0 +1,255 @@
+"""Sinkhorn divergences: GeomLoss parity, exactness, gradients, convergence, edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import geomreg
+from geomreg.errors import InputError, ParameterError
+from geomreg.schedule import EpsilonSchedule
+
+geomloss = pytest.importorskip("geomloss")
+
+
+def weighted_clouds(n=60, m=45, d=3, shift=0.15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=torch.float64)
+    y = torch.rand(m, d, generator=g, dtype=torch.float64) * 0.8 + shift
+    a = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(m, generator=g, dtype=torch.float64) + 0.1
+    return x, a / a.sum(), y, b / b.sum()
+
+
+def exact_distance(x, y):  # GeomLoss clamps p = 1 distances at 1e-4; this is the exact cost
+    return ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1).sqrt()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("reach", [None, 0.4])
+@pytest.mark.parametrize("blur,scaling", [(0.05, 0.5), (0.2, 0.7), (0.01, 0.3)])
+def test_tol_inf_equals_geomloss_tensorized(p, debias, reach, blur, scaling):
+    x, a, y, b = weighted_clouds()
+    ours = geomreg.divergence(x, y, a=a, b=b, p=p, blur=blur, reach=reach, scaling=scaling,
+                              debias=debias, tol=math.inf)
+    loss = geomloss.SamplesLoss("sinkhorn", p=p, blur=blur, reach=reach, scaling=scaling,
+                                debias=debias, backend="tensorized",
+                                cost=exact_distance if p == 1 else None)
+    ref = loss(a, x, b, y).item()
+    assert ours.value.item() == pytest.approx(ref, rel=1e-6, abs=1e-12)
+    assert ours.n_iter == len(EpsilonSchedule(p, ours.params["diameter"], blur, scaling)) + 1
+
+
+def test_potentials_equal_geomloss_potentials():
+    x, a, y, b = weighted_clouds()
+    ours = geomreg.divergence(x, y, a=a, b=b, tol=math.inf, potentials=True)
+    f, g = geomloss.SamplesLoss("sinkhorn", backend="tensorized", potentials=True)(a, x, b, y)
+    assert torch.allclose(ours.potentials[0], f, atol=1e-10)
+    assert torch.allclose(ours.potentials[1], g, atol=1e-10)
+
+
+def test_schedule_matches_reference_example_and_geomloss():
+    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
+
+    sched = EpsilonSchedule(2, math.sqrt(3), 0.05, 0.5)
+    expected = [3, 3, 0.75, 0.1875, 0.046875, 0.01171875, 0.0029296875, 0.0025]
+    np.testing.assert_allclose(sched.epsilons, expected, rtol=1e-12)
+    assert sched.epsilons == [float(e) for e in epsilon_schedule(2, math.sqrt(3), 0.05, 0.5)]
+    assert EpsilonSchedule(2, 0.0, 0.05, 0.5).epsilons == pytest.approx([0.0025, 0.0025])  # d = 0
+
+
+def test_default_tolerance_is_within_one_percent_of_converged():
+    torch.manual_seed(0)
+    for p, reach, blur in [(2, None, 0.05), (1, None, 0.05), (2, 0.3, 0.05), (2, None, 0.02)]:
+        x = torch.rand(200, 3, dtype=torch.float64)
+        y = torch.rand(150, 3, dtype=torch.float64) + 0.05
+        ref = geomreg.divergence(x, y, p=p, reach=reach, blur=blur, tol=1e-10, max_iter=50000)
+        dflt = geomreg.divergence(x, y, p=p, reach=reach, blur=blur)
+        assert ref.converged and dflt.converged
+        assert dflt.marginal_error <= geomreg.api.defaults.TOL
+        assert dflt.value.item() == pytest.approx(ref.value.item(), rel=1e-2)
+
+
+def test_geomloss_schedule_alone_stops_short_and_we_do_not():
+    # REFERENCE.md: GeomLoss's default stops ~13% short on uniform clouds (N = M = 2000);
+    # the same effect at N = M = 500.
+    torch.manual_seed(0)
+    x, y = torch.rand(500, 3, dtype=torch.float64), torch.rand(500, 3, dtype=torch.float64)
+    short = geomreg.divergence(x, y, tol=math.inf).value.item()
+    ref = geomreg.divergence(x, y, tol=1e-9, max_iter=50000).value.item()
+    ours = geomreg.divergence(x, y).value.item()
+    assert short < 0.95 * ref  # the schedule alone is more than 5% short here
+    assert ours == pytest.approx(ref, rel=1e-2)
+
+
+def test_marginals_of_the_plan_match_the_reported_error():
+    x, a, y, b = weighted_clouds(n=40, m=30)
+    r = geomreg.divergence(x, y, a=a, b=b, debias=False, potentials=True, tol=1e-6, blur=0.1)
+    f, g = r.potentials
+    eps = r.params["eps"]
+    c = torch.cdist(x, y) ** 2 / 2
+    plan = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - c) / eps)
+    err = max((plan.sum(1) - a).abs().sum().item(), (plan.sum(0) - b).abs().sum().item())
+    assert err <= 1e-6
+    # The value of OT_eps is the primal objective of that plan (strong duality).
+    kl = (plan * torch.log(plan / (a[:, None] * b[None, :]))).sum() - plan.sum() + 1
+    assert r.value.item() == pytest.approx(((plan * c).sum() + eps * kl).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("m_b", [1.0, 0.6])
+def test_unbalanced_value_is_the_primal_objective_even_for_unequal_masses(m_b):
+    x, a, y, b = weighted_clouds(n=40, m=30)
+    b = b * m_b
+    rho, blur = 0.3**2, 0.1
+    r = geomreg.divergence(x, y, a=a, b=b, reach=0.3, blur=blur, debias=False, normalize=False,
+                           potentials=True, tol=1e-12, max_iter=20000)
+    f, g = r.potentials
+    eps = blur**2
+    c = torch.cdist(x, y) ** 2 / 2
+    plan = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - c) / eps)
+
+    def kl(p, q):
+        return (p * torch.log(p / q)).sum() - p.sum() + q.sum()
+
+    primal = (plan * c).sum() + eps * kl(plan, a[:, None] * b[None, :]) \
+        + rho * kl(plan.sum(1), a) + rho * kl(plan.sum(0), b)
+    assert r.value.item() == pytest.approx(primal.item(), rel=1e-7)
+
+
+def _fd_check(fn, t, direction, h=1e-5):
+    """Central finite difference of fn along direction at t, against autograd."""
+    t = t.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(t), t)
+    with torch.no_grad():
+        fd = (fn(t + h * direction) - fn(t - h * direction)) / (2 * h)
+    return (grad * direction).sum().item(), fd.item()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("reach", [None, 0.5])
+@pytest.mark.parametrize("debias", [True, False])
+def test_gradients_match_finite_differences(p, reach, debias):
+    x, a, y, b = weighted_clouds(n=20, m=15, d=2)
+    kw = dict(p=p, blur=0.3, reach=reach, debias=debias, tol=1e-13, max_iter=20000, normalize=False)
+    g = torch.Generator().manual_seed(1)
+    # points
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    an, fd = _fd_check(lambda t: geomreg.divergence(t, y, a=a, b=b, **kw).value, x, dx)
+    assert an == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    an, fd = _fd_check(lambda t: geomreg.divergence(x, t, a=a, b=b, **kw).value, y, dy)
+    assert an == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    # weights: balanced OT needs equal masses, so move mass between two points
+    da = torch.zeros_like(a)
+    da[3], da[7] = 1.0, (-1.0 if reach is None else 0.5)
+    an, fd = _fd_check(lambda t: geomreg.divergence(x, y, a=t, b=b, **kw).value, a, da)
+    assert an == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_unbalanced_gradient_is_larger_than_geomloss_by_the_documented_factor():
+    x, a, y, b = weighted_clouds(n=30, m=25)
+    rho, eps = 0.5**2, 0.1**2
+    x1 = x.clone().requires_grad_(True)
+    ours = geomreg.divergence(x1, y, a=a, b=b, reach=0.5, blur=0.1, tol=math.inf).value
+    (g_ours,) = torch.autograd.grad(ours, x1)
+    x2 = x.clone().requires_grad_(True)
+    theirs = geomloss.SamplesLoss("sinkhorn", reach=0.5, blur=0.1, backend="tensorized")(a, x2, b, y)
+    (g_theirs,) = torch.autograd.grad(theirs, x2)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-9)
+    ratio = (g_theirs.norm() / g_ours.norm()).item()
+    assert ratio == pytest.approx((rho + eps / 2) / (rho + eps), rel=1e-6)
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_properties_zero_symmetric_positive(reach):
+    for seed in range(3):
+        x, a, y, b = weighted_clouds(seed=seed)
+        kw = dict(reach=reach, tol=1e-6)
+        s_xy = geomreg.divergence(x, y, a=a, b=b, **kw).value.item()
+        s_yx = geomreg.divergence(y, x, a=b, b=a, **kw).value.item()
+        s_xx = geomreg.divergence(x, x, a=a, b=a, **kw).value.item()
+        assert s_xy > 0
+        assert s_xy == pytest.approx(s_yx, rel=1e-5)
+        assert abs(s_xx) < 1e-8  # S(a, a) = 0 up to the convergence of two different solves
+        assert abs(geomreg.divergence(x, x, a=a, b=a, reach=reach, tol=math.inf).value.item()) < 1e-15
+
+
+def test_ordering_against_exact_ot():
+    ot = pytest.importorskip("ot")
+    torch.manual_seed(0)
+    x = torch.rand(300, 3, dtype=torch.float64)
+    y = torch.rand(300, 3, dtype=torch.float64) + 0.2
+    c = (torch.cdist(x, y) ** 2 / 2).numpy()
+    w2 = ot.emd2(np.full(300, 1 / 300), np.full(300, 1 / 300), c)
+    s_eps = geomreg.divergence(x, y, tol=1e-6).value.item()
+    ot_eps = geomreg.divergence(x, y, tol=1e-6, debias=False).value.item()
+    assert s_eps < w2 < ot_eps
+
+
+def test_degenerate_inputs_give_defined_answers():
+    one = torch.tensor([[0.3, 0.4, 0.5]], dtype=torch.float64)
+    for loss in ["sinkhorn", "hausdorff", "energy", "gaussian", "laplacian"]:
+        assert geomreg.divergence(one, one, loss=loss).value.item() == 0.0
+    assert geomreg.divergence(one, one + 1, diameter=0.0).value.item() == pytest.approx(1.5, rel=1e-6)
+    x, a, y, b = weighted_clouds()
+    close_to_one = geomreg.divergence(x, y, a=a, b=b, scaling=0.99, tol=math.inf)
+    assert close_to_one.n_iter > 100 and math.isfinite(close_to_one.value.item())
+    with pytest.raises(ParameterError, match="--max-iter"):
+        geomreg.divergence(x, y, scaling=0.9999, max_iter=1000)
+
+
+def test_zero_weight_points_do_not_count():
+    x, a, y, b = weighted_clouds()
+    far = torch.cat([x, torch.full((1, 3), 50.0, dtype=torch.float64)])
+    a0 = torch.cat([a, torch.zeros(1, dtype=torch.float64)])
+    with_zero = geomreg.divergence(far, y, a=a0, b=b, diameter=2.0, tol=1e-8).value.item()
+    without = geomreg.divergence(x, y, a=a, b=b, diameter=2.0, tol=1e-8).value.item()
+    assert with_zero == pytest.approx(without, rel=1e-8)
+
+
+def test_balanced_masses_must_agree():
+    x, a, y, b = weighted_clouds()
+    with pytest.raises(InputError, match="masses differ"):
+        geomreg.divergence(x, y, a=a, b=0.5 * b, normalize=False)
+    assert geomreg.divergence(x, y, a=a, b=0.5 * b, normalize=False, reach=0.5).value.item() > 0
+
+
+@pytest.mark.parametrize("d", [1, 5])
+def test_other_dimensions_and_batches(d):
+    g = torch.Generator().manual_seed(0)
+    xb = torch.rand(3, 30, d, generator=g, dtype=torch.float64)
+    yb = torch.rand(3, 20, d, generator=g, dtype=torch.float64) + 0.1
+    batch = geomreg.divergence(xb, yb, tol=1e-8, diameter=2.0).value
+    one_by_one = [geomreg.divergence(xb[i], yb[i], tol=1e-8, diameter=2.0).value for i in range(3)]
+    assert batch.shape == (3,)
+    assert torch.allclose(batch, torch.stack(one_by_one), rtol=1e-6)
+
+
+def test_float32_agrees_with_float64(device):
+    x, a, y, b = weighted_clouds(n=200, m=150)
+    v64 = geomreg.divergence(x, y, a=a, b=b, tol=1e-4, device=device).value.item()
+    r32 = geomreg.divergence(x.float(), y.float(), a=a.float(), b=b.float(), tol=1e-4, device=device)
+    assert r32.dtype == "float32" and r32.device.startswith(device)
+    assert r32.value.item() == pytest.approx(v64, rel=1e-3)
+
+
+def test_far_from_origin_in_float32():
+    x, a, y, b = weighted_clouds(n=200, m=150)
+    ref = geomreg.divergence(x, y, a=a, b=b, tol=1e-4).value.item()
+    off = geomreg.divergence((x + 1e4).float(), (y + 1e4).float(), a=a.float(), b=b.float(), tol=1e-4)
+    assert off.value.item() == pytest.approx(ref, rel=1e-2)
+
+
+def test_step_log_records_the_run():
+    x, a, y, b = weighted_clouds()
+    seen = []
+    r = geomreg.divergence(x, y, a=a, b=b, on_step=seen.append)
+    assert seen == r.schedule and r.schedule[-1].phase == "final"
+    phases = [s.phase for s in r.schedule]
+    assert phases[0] == "schedule" and "converge" in phases
+    assert [s.index for s in r.schedule] == list(range(len(r.schedule)))
+    assert r.schedule[-1].marginal_error == r.marginal_error
+    d = r.to_dict()
+    assert d["n_iter"] == r.n_iter and len(d["schedule"]) == len(r.schedule)
