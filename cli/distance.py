@@ -10,7 +10,7 @@ import typer
 
 from geomreg import defaults
 
-from .main import EXIT_NOT_CONVERGED, handle_errors
+from .errors import EXIT_NOT_CONVERGED, handle_errors
 from .output import dumps, err_console, print_data, schedule_table, warn
 
 LOSS_HELP = (
@@ -150,14 +150,17 @@ def _compute(mu, nu, **kwargs):
 
 
 def _write_outputs(result, *, log, potentials, protect) -> None:
-    from geomreg.io import write_npy, write_text
+    """Write the requested files together: all of them, or none if one fails."""
+    from geomreg.io import atomic_write_many, npy_writer, text_writer
 
+    jobs = []
     if log is not None:
-        write_text(log, "".join(dumps(s.to_dict()) + "\n" for s in result.schedule), protect=protect)
+        jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.schedule))))
     if potentials is not None:
-        f, g = result.potentials
-        write_npy(f"{potentials}_a.npy", f.detach().cpu().double().numpy(), protect=protect)
-        write_npy(f"{potentials}_b.npy", g.detach().cpu().double().numpy(), protect=protect)
+        f, g = (t.detach().cpu().double().numpy() for t in result.potentials)
+        jobs += [(f"{potentials}_a.npy", npy_writer(f)), (f"{potentials}_b.npy", npy_writer(g))]
+    if jobs:
+        atomic_write_many(jobs, protect=protect)
 
 
 def register(app: typer.Typer) -> None:

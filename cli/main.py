@@ -19,7 +19,6 @@ Heavy packages (torch, open3d) are imported inside commands, so ``geomreg --help
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import click
@@ -27,9 +26,16 @@ import typer
 
 from geomreg._version import __version__
 
-EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_NOT_CONVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED = (
-    0, 1, 2, 3, 70, 130,
-)  # fmt: skip
+from .errors import (  # noqa: F401  (re-exported for the commands)
+    EXIT_DATA,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_CONVERGED,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    handle_errors,
+)
 
 app = typer.Typer(
     name="geomreg",
@@ -61,41 +67,6 @@ def _root(
     """
 
 
-def fail(message: str, code: int) -> typer.Exit:
-    """Print ``Error: message`` on stderr (one line) and return the Exit to raise."""
-    sys.stderr.write(f"Error: {message}\n")
-    sys.stderr.flush()
-    return typer.Exit(code)
-
-
-@contextlib.contextmanager
-def handle_errors(debug: bool = False):
-    """Map geomreg's errors to one stderr line and an exit code (tracebacks only with --debug)."""
-    from geomreg.errors import GeomregError
-
-    try:
-        yield
-    except GeomregError as err:
-        if debug:
-            raise
-        raise fail(str(err), err.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", EXIT_INTERRUPTED) from None
-    except (typer.Exit, click.exceptions.ClickException):
-        raise
-    except MemoryError:
-        if debug:
-            raise
-        raise fail("out of memory; try fewer points or --dtype float32", EXIT_DATA) from None
-    except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
-        if debug:
-            raise
-        raise fail(
-            f"internal error: {type(err).__name__}: {err} (rerun with --debug for details)",
-            EXIT_INTERNAL,
-        ) from None
-
-
 def _register_commands() -> None:
     from . import distance
 
@@ -105,19 +76,39 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name``, from click and from typer's own copy of click."""
+    found = [getattr(click.exceptions, name, None)]
+    try:  # typer >= 0.26 raises exceptions of the click it vendors
+        from typer._click import exceptions as vendored
+
+        found.append(getattr(vendored, name, None))
+    except ImportError:
+        pass
+    return tuple(c for c in found if isinstance(c, type))
+
+
 def run() -> None:
     """Console-script entry point: one-line usage errors (exit 2) instead of Click's panel."""
+    no_args = _click_classes("NoArgsIsHelpError")
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.UsageError as err:
-        where = f"{err.ctx.command_path}: " if err.ctx is not None else ""
+    except no_args as err:  # bare `geomreg`: the help text, on stdout
+        sys.stdout.write(err.format_message() + "\n")
+        sys.exit(EXIT_OK)
+    except _click_classes("UsageError") as err:
+        ctx = getattr(err, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
         sys.stderr.write(f"Error: {where}{err.format_message()}\n")
         sys.exit(EXIT_USAGE)
-    except click.exceptions.Exit as err:
+    except (typer.Exit, *_click_classes("Exit")) as err:
         sys.exit(err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (KeyboardInterrupt, *_click_classes("Abort")):
         sys.stderr.write("Error: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
+    except _click_classes("ClickException") as err:
+        sys.stderr.write(f"Error: {err.format_message()}\n")
+        sys.exit(getattr(err, "exit_code", EXIT_USAGE))
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

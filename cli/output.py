@@ -41,7 +41,7 @@ def print_data(text: str) -> None:
 
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
-    err_console().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
+    err_console().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False, soft_wrap=True)
 
 
 def schedule_table(steps, title: str = "Sinkhorn loop", max_rows: int = 40):

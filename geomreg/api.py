@@ -128,7 +128,10 @@ def divergence(
     )
     engine = get_backend(choice.name)
 
-    params: dict[str, Any] = {"p": p, "blur": blur}
+    # Every key is always present (None where it does not apply): one result shape.
+    params: dict[str, Any] = dict.fromkeys(
+        ("p", "blur", "eps", "reach", "rho", "diameter", "scaling", "debias", "tol", "max_iter")
+    )
     t0 = _now(xs.device)
     if loss == "sinkhorn":
         d = bbox_diameter if diameter is None else float(diameter)
@@ -142,14 +145,15 @@ def divergence(
         schedule = EpsilonSchedule(p, d, blur, scaling)
         out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
                             debias=debias, tol=tol, max_iter=max_iter, on_step=on_step)
-        params.update(eps=schedule.eps, reach=reach, rho=None if reach is None else reach**p,
-                      diameter=d, scaling=scaling, debias=debias, tol=tol, max_iter=max_iter)
+        params.update(p=p, blur=blur, eps=schedule.eps, reach=reach,
+                      rho=None if reach is None else reach**p, diameter=d, scaling=scaling,
+                      debias=debias, tol=tol, max_iter=max_iter)
     elif loss == "hausdorff":
         out = hausdorff_loss(engine, xs, a_t, ys, b_t, p=p, blur=blur)
-        params.update(eps=blur**p)
+        params.update(p=p, blur=blur, eps=blur**p)
     else:
         out = kernel_loss(engine, xs, a_t, ys, b_t, name=loss, blur=blur, potentials=potentials)
-        params = {} if loss == "energy" else {"blur": blur}
+        params.update(blur=None if loss == "energy" else blur)
     elapsed = _now(xs.device) - t0
 
     value = out.values if batched else out.values[0]

@@ -7,12 +7,23 @@ write outputs that appear complete or not at all.
 """
 
 from .readers import SUFFIXES, read_measure, read_weights
-from .writers import atomic_write, check_output, write_npy, write_text
+from .writers import (
+    atomic_write,
+    atomic_write_many,
+    check_output,
+    npy_writer,
+    text_writer,
+    write_npy,
+    write_text,
+)
 
 __all__ = [
     "SUFFIXES",
     "atomic_write",
+    "atomic_write_many",
     "check_output",
+    "npy_writer",
+    "text_writer",
     "read_measure",
     "read_weights",
     "write_npy",

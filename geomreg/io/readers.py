@@ -100,9 +100,7 @@ def read_measure(
     if mass not in MASS_MODES:
         raise ParameterError("--mass", f"must be 'dark' or 'bright', not {mass!r}")
     if weights is not None and weight_property is not None:
-        raise ParameterError(
-            "--weight-property", "give either --weights or --weight-property, not both"
-        )
+        raise ParameterError("--weight-property", "give either --weights or --weight-property, not both")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         _check_file(path)
@@ -183,9 +181,7 @@ def read_weights(path: str | os.PathLike, n: int) -> np.ndarray:
             tokens = [(k, t) for k, toks in rows for t in toks]
             arr = _to_floats([t for _, t in tokens], [k for k, _ in tokens], where)
             if arr.size != n:
-                raise InputError(
-                    where, f"expected {n} weights (one per point), found {arr.size} values"
-                )
+                raise InputError(where, f"expected {n} weights (one per point), found {arr.size} values")
     except GeomregError:
         raise
     except MemoryError:
@@ -260,13 +256,9 @@ def _load_npy(path: Path) -> np.ndarray:
                 "holds Python objects (pickled data), which geomreg refuses to load; "
                 "save a numeric array instead",
             ) from None
-        raise InputError(
-            where, f"could not read as .npy (corrupt or truncated?): {_short(exc)}"
-        ) from None
+        raise InputError(where, f"could not read as .npy (corrupt or truncated?): {_short(exc)}") from None
     except (EOFError, OSError) as exc:
-        raise InputError(
-            where, f"could not read as .npy (corrupt or truncated?): {_short(exc)}"
-        ) from None
+        raise InputError(where, f"could not read as .npy (corrupt or truncated?): {_short(exc)}") from None
     if not isinstance(arr, np.ndarray):  # cannot happen after the magic check; be safe
         with contextlib.suppress(Exception):
             arr.close()
@@ -517,9 +509,7 @@ def _ply_column(path: Path, header: _PlyHeader, name: str) -> np.ndarray:
     vertex = header.vertex()
     before = header.before_vertex()
     if vertex.has_lists() or any(e.has_lists() for e in before):
-        raise InputError(
-            str(path), f"cannot read vertex property {name!r}: the vertex block has lists"
-        )
+        raise InputError(str(path), f"cannot read vertex property {name!r}: the vertex block has lists")
     col = [n for n, _ in vertex.props].index(name)
     if header.fmt == "ascii":
         skip = sum(e.count for e in before)
@@ -669,8 +659,7 @@ def _read_text_points(path: Path) -> np.ndarray:
         if len(toks) != ncol:
             raise InputError(
                 where,
-                f"line {k}: {len(toks)} values, expected {ncol} as on line {first_line} "
-                "(ragged rows)",
+                f"line {k}: {len(toks)} values, expected {ncol} as on line {first_line} (ragged rows)",
             )
     try:
         return np.array([t for _, t in rows], dtype=np.float64)
@@ -694,9 +683,7 @@ def _read_xyz(path: Path, suffix: str) -> np.ndarray:
         try:
             expected = int(rows[0][1][0])
         except ValueError:
-            raise InputError(
-                where, f"line {rows[0][0]}: {rows[0][1][0]!r} is not a point count"
-            ) from None
+            raise InputError(where, f"line {rows[0][0]}: {rows[0][1][0]!r} is not a point count") from None
         rows = rows[1:]
     if not rows:
         raise InputError(where, "no data rows (only comments or blank lines)")
@@ -706,8 +693,7 @@ def _read_xyz(path: Path, suffix: str) -> np.ndarray:
     if expected is not None and expected != len(rows):
         raise InputError(
             where,
-            f"the header announces {expected} points but the file holds {len(rows)} rows"
-            " (truncated?)",
+            f"the header announces {expected} points but the file holds {len(rows)} rows (truncated?)",
         )
     tokens = [t for _, toks in rows for t in toks[:3]]
     lines = [k for k, _ in rows for _ in range(3)]
@@ -740,9 +726,7 @@ def _read_image(path: Path, suffix: str, mass: str):
             where, f"could not read as a {kind} image (corrupt or truncated?): {detail}"
         ) from None
     if frames.ndim < 3 or frames.shape[0] != 1:
-        raise InputError(
-            where, f"expected a single image, found {frames.shape[0]} frames (multi-page file)"
-        )
+        raise InputError(where, f"expected a single image, found {frames.shape[0]} frames (multi-page file)")
     gray, alpha = _gray_alpha(frames[0], where)
     if mass == "dark":
         density = 1.0 - gray if alpha is None else alpha * (1.0 - gray)
@@ -785,9 +769,7 @@ def _gray_alpha(img: np.ndarray, where: str):
     elif img.ndim == 2:
         channels = 0
     else:
-        raise InputError(
-            where, f"expected a single 2-D image (gray, RGB or RGBA), found shape {img.shape}"
-        )
+        raise InputError(where, f"expected a single 2-D image (gray, RGB or RGBA), found shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise InputError(where, f"image has no pixels (shape {img.shape})")
     if not np.isfinite(img).all():

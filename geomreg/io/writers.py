@@ -41,28 +41,57 @@ def atomic_write(
         Exception: whatever ``write_fn`` raises (other than OSError), re-raised after the
             temporary file is removed; so is KeyboardInterrupt.
     """
-    path = check_output(path, protect=protect)
-    where, parent = str(path), path.parent
+    return atomic_write_many([(path, write_fn)], protect=protect)[0]
+
+
+def atomic_write_many(
+    jobs: Iterable[tuple[str | os.PathLike, Callable[[str], object]]],
+    *,
+    protect: Iterable[str | os.PathLike] = (),
+) -> list[Path]:
+    """Write several files as one unit: all temporary files first, then all the renames.
+
+    If any file cannot be written, none of the targets is touched and every temporary
+    file is removed (a command's outputs appear together or not at all).
+
+    Args:
+        jobs: ``(path, write_fn)`` pairs, as for :func:`atomic_write`.
+        protect: input files that must not be overwritten.
+
+    Returns:
+        The target paths, in order.
+    """
+    protect = list(protect)
+    jobs = [(check_output(path, protect=protect), fn) for path, fn in jobs]
+    temps: list[str] = []
     try:
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix="." + path.name + ".", dir=parent)
-    except OSError as exc:
-        raise OutputError(where, f"cannot write in {parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        _fsync(tmp)
-        os.chmod(tmp, _target_mode(path))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(where, f"could not write: {exc.strerror or exc}") from exc
+        for path, write_fn in jobs:
+            try:
+                fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix="." + path.name + ".", dir=path.parent)
+            except OSError as exc:
+                raise OutputError(
+                    str(path), f"cannot write in {path.parent}: {exc.strerror or exc}"
+                ) from None
+            os.close(fd)
+            temps.append(tmp)
+            try:
+                write_fn(tmp)
+                _fsync(tmp)
+                os.chmod(tmp, _target_mode(path))
+            except OSError as exc:
+                raise OutputError(str(path), f"could not write: {exc.strerror or exc}") from exc
+        for (path, _), tmp in zip(jobs, temps, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
-    _fsync_dir(parent)
-    return path
+    for parent in {path.parent for path, _ in jobs}:
+        _fsync_dir(parent)
+    return [path for path, _ in jobs]
 
 
 def check_output(path: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
@@ -106,18 +135,10 @@ def write_npy(path: str | os.PathLike, array, *, protect: Iterable[str | os.Path
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    arr = np.asarray(array)
-
-    def _save(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-
-    return atomic_write(path, _save, protect=protect)
+    return atomic_write(path, npy_writer(array), protect=protect)
 
 
-def write_text(
-    path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()
-) -> Path:
+def write_text(path: str | os.PathLike, text: str, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``text`` (UTF-8) atomically to ``path``.
 
     Args:
@@ -128,12 +149,28 @@ def write_text(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
+    return atomic_write(path, text_writer(text), protect=protect)
+
+
+def npy_writer(array) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write`: saves ``array`` as ``.npy`` (no pickling)."""
+    arr = np.asarray(array)
+
+    def _save(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    return _save
+
+
+def text_writer(text: str) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write`: writes ``text`` as UTF-8."""
 
     def _save(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
 
-    return atomic_write(path, _save, protect=protect)
+    return _save
 
 
 def _same_file(a: Path, b: Path) -> bool:

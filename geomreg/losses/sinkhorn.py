@@ -132,7 +132,8 @@ def sinkhorn_loss(
         debias: return the debiased divergence S (True) or OT_eps (False).
         tol: stop the converge phase when every marginal error is <= tol (inf: no
             converge phase at all, exactly GeomLoss's schedule).
-        max_iter: most iterations in all (schedule steps included).
+        max_iter: most iterations in all, schedule steps and the final step included
+            (at least ``len(schedule) + 1``).
         on_step: called with each :class:`StepLog` as soon as the step is done.
 
     Returns:
@@ -196,7 +197,7 @@ def sinkhorn_loss(
         err_aa = err_bb = math.inf if debias else 0.0
         relax = Overrelaxation()
         n_iter = len(eps_list)
-        while tol < math.inf and n_iter < max_iter:
+        while tol < math.inf and n_iter + 1 < max_iter:  # the final step counts too
             n_iter += 1
             w = relax.omega
             ft_ba = lam * sm(eps, xy, b_log + g_ab / eps)
@@ -240,7 +241,7 @@ def sinkhorn_loss(
             changes += [(f_aa, f_aa_final), (g_bb, g_bb_final)]
     final_error = max(errors)
     log("final", eps, delta(*changes), final_error)
-    n_iter = max(n_iter, len(eps_list)) + 1
+    n_iter += 1
 
     f_aa_final = f_aa_final if debias else None
     g_bb_final = g_bb_final if debias else None

@@ -1,0 +1,5 @@
+"""``python -m cli``: the same as the ``geomreg`` command."""
+
+from .main import run
+
+run()
