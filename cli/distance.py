@@ -20,8 +20,8 @@ LOSS_HELP = (
 
 
 def distance(
-    a: Annotated[Path, typer.Argument(help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")],
-    b: Annotated[Path, typer.Argument(help="Target measure, same kinds (same dimension as A).")],
+    a: Annotated[Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Target measure, same kinds (same dimension as A).")],
     loss: Annotated[str, typer.Option(help=LOSS_HELP)] = "sinkhorn",
     p: Annotated[int, typer.Option("--p", help="Cost exponent: 1 (|x-y|) or 2 (|x-y|^2/2).")] = defaults.P,
     blur: Annotated[
