@@ -194,6 +194,18 @@ def sinkhorn_loss(
         #    f <- f + w (T(g) - f), then g <- g + w (T(f) - g). Since T(g) is known when T(f)
         #    is computed, both marginal errors of the state (f, g) are measured exactly.
         eps, lam = eps_list[-1], damping(eps_list[-1], rho)
+
+        def symmetric_step(f, f_err, pair, w_log, w, changes):
+            """One averaged update of a symmetric problem, skipped once it meets tol."""
+            if f_err <= tol:
+                return f, f_err
+            ft = lam * sm(eps, pair, w_log + f / eps)
+            f_err = err(f, ft, w, eps)
+            if f_err <= tol:
+                return f, f_err  # keep the state whose error was measured
+            changes.append((f, 0.5 * (f + ft)))
+            return changes[-1][1], f_err
+
         err_aa = err_bb = math.inf if debias else 0.0
         relax = Overrelaxation()
         n_iter = len(eps_list)
@@ -207,18 +219,8 @@ def sinkhorn_loss(
             changes = [(f_ba, f_new)]
             f_ba = f_new
             if debias:  # symmetric problems: averaged updates, frozen once converged
-                if err_aa > tol:
-                    ft_aa = lam * sm(eps, xx, a_log + f_aa / eps)
-                    err_aa = err(f_aa, ft_aa, a, eps)
-                    if err_aa > tol:
-                        changes.append((f_aa, 0.5 * (f_aa + ft_aa)))
-                        f_aa = changes[-1][1]
-                if err_bb > tol:
-                    gt_bb = lam * sm(eps, yy, b_log + g_bb / eps)
-                    err_bb = err(g_bb, gt_bb, b, eps)
-                    if err_bb > tol:
-                        changes.append((g_bb, 0.5 * (g_bb + gt_bb)))
-                        g_bb = changes[-1][1]
+                f_aa, err_aa = symmetric_step(f_aa, err_aa, xx, a_log, a, changes)
+                g_bb, err_bb = symmetric_step(g_bb, err_bb, yy, b_log, b, changes)
             log("converge", eps, delta(*changes), max(err_ab, err_aa, err_bb))
             if max(err_ab, err_aa, err_bb) <= tol:
                 break  # keep g_ab: (f_ba, g_ab) is the state whose errors were measured
