@@ -253,3 +253,18 @@ def test_step_log_records_the_run():
     assert r.schedule[-1].marginal_error == r.marginal_error
     d = r.to_dict()
     assert d["n_iter"] == r.n_iter and len(d["schedule"]) == len(r.schedule)
+
+
+def test_real_scans_match_geomloss_and_converge(shared_data):
+    from geomreg.io import read_measure
+
+    src = read_measure(shared_data / "clouds" / "pycpd" / "bunny_source.txt")
+    tgt = read_measure(shared_data / "clouds" / "pycpd" / "bunny_target.txt")
+    x, y = torch.tensor(src.points), torch.tensor(tgt.points)
+    same = geomreg.divergence(src, tgt, tol=math.inf, dtype="float64").value.item()
+    ref = geomloss.SamplesLoss("sinkhorn", backend="tensorized")(x, y).item()
+    assert same == pytest.approx(ref, rel=1e-6)
+    converged = geomreg.divergence(src, tgt, tol=1e-9, max_iter=50000, dtype="float64")
+    default = geomreg.divergence(src, tgt, dtype="float64")
+    assert default.converged and converged.converged
+    assert default.value.item() == pytest.approx(converged.value.item(), rel=1e-2)
