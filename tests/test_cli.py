@@ -101,7 +101,7 @@ def assert_one_error_line(stderr: str, needle: str) -> None:
     lines = stderr.splitlines()
     assert len(lines) == 1, f"stderr should be one line, got {stderr!r}"
     assert lines[0].startswith("Error: "), stderr
-    assert needle in lines[0], f"{needle!r} not named in {lines[0]!r}"
+    assert needle.lower() in lines[0].lower(), f"{needle!r} not named in {lines[0]!r}"
 
 
 def snapshot(folder: Path, skip: Path | None = None) -> dict[str, bytes]:
