@@ -167,8 +167,7 @@ def divergence(
         params=params,
         n_points=(xs.shape[1], ys.shape[1]),
         dim=xs.shape[2],
-        masses=(float(m_a.max()), float(m_b.max())) if not batched else
-        (float(m_a[0]), float(m_b[0])),
+        masses=(m_a.tolist(), m_b.tolist()) if batched else (m_a.item(), m_b.item()),
         backend=choice.name,
         backend_reason=choice.reason,
         device=str(xs.device),

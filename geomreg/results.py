@@ -71,7 +71,7 @@ class DivergenceResult:
             (e.g. the diameter actually used).
         n_points: ``(N, M)``.
         dim: ambient dimension D.
-        masses: total masses ``(m_a, m_b)`` after normalisation.
+        masses: total masses ``(m_a, m_b)`` after normalisation (lists for batches).
         backend: backend that ran; ``backend_reason`` says why it was chosen.
         device, dtype: where and in which precision the computation ran.
         converged, n_iter, marginal_error: the stopping rule's outcome (Sinkhorn).
@@ -86,7 +86,7 @@ class DivergenceResult:
     params: dict[str, Any]
     n_points: tuple[int, int]
     dim: int
-    masses: tuple[float, float]
+    masses: tuple[Any, Any]
     backend: str
     backend_reason: str
     device: str
