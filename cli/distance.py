@@ -20,7 +20,9 @@ LOSS_HELP = (
 
 
 def distance(
-    a: Annotated[Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")],
+    a: Annotated[
+        Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")
+    ],
     b: Annotated[Path, typer.Argument(metavar="B", help="Target measure, same kinds (same dimension as A).")],
     loss: Annotated[str, typer.Option(help=LOSS_HELP)] = "sinkhorn",
     p: Annotated[int, typer.Option("--p", help="Cost exponent: 1 (|x-y|) or 2 (|x-y|^2/2).")] = defaults.P,
@@ -44,7 +46,7 @@ def distance(
     max_iter: Annotated[
         int, typer.Option(help="Most Sinkhorn iterations, schedule included.")
     ] = defaults.MAX_ITER,
-    backend: Annotated[str, typer.Option(help="auto or tensorized.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, tensorized or online (KeOps, linear memory).")] = "auto",
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     weights_a: Annotated[Path | None, typer.Option(help="Weights of A: .npy or text, one per point.")] = None,

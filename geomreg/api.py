@@ -125,6 +125,7 @@ def divergence(
     choice = choose_backend(
         backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
         itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
+        device_type=xs.device.type,
     )
     engine = get_backend(choice.name)
 

@@ -198,10 +198,10 @@ def test_open3d_keeps_stdout_clean(tmp_path, capfd):
 def test_c_level_stdout_goes_to_stderr(capfd):
     import ctypes
 
-    from geomreg.io.readers import _stdout_to_stderr
+    from geomreg._stdio import stdout_to_stderr
 
     libc = ctypes.CDLL(None)
-    with _stdout_to_stderr():
+    with stdout_to_stderr():
         libc.printf(b"from C++ land\n")  # buffered by C stdio, not by Python
     print("data", flush=True)
     out, err = capfd.readouterr()

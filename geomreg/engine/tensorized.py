@@ -83,8 +83,7 @@ class TensorizedBackend(Backend):
         rows = n if c.device.type != "cpu" else max(1, _CPU_BLOCK // max(m, 1))
         hh = h.unsqueeze(1)
         blocks = [
-            _logsumexp_last(torch.add(hh, c[:, i : i + rows], alpha=-1.0 / eps))
-            for i in range(0, n, rows)
+            _logsumexp_last(torch.add(hh, c[:, i : i + rows], alpha=-1.0 / eps)) for i in range(0, n, rows)
         ]
         lse = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         return -eps * lse

@@ -22,14 +22,13 @@ is its density times its area, so a fully dark unit-square image has mass 1.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .._stdio import stdout_to_stderr
 from ..errors import GeomregError, InputError, ParameterError
 from ..measure import Grid, Measure, _check_weights
 
@@ -283,7 +282,7 @@ def _read_npy_points(path: Path) -> np.ndarray:
 def _import_open3d(path: Path):
     """Import open3d, or explain how to make it importable."""
     try:
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             import open3d
     except Exception as exc:  # ImportError, or OSError for a missing libusb
         raise InputError(
@@ -296,35 +295,6 @@ def _import_open3d(path: Path):
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr():
-    """Send whatever is written to file descriptor 1 to file descriptor 2 meanwhile.
-
-    open3d's C++ code prints its messages on the process's stdout; geomreg's stdout must
-    carry data only.
-    """
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no fd 1 at all: nothing to protect
-        yield
-        return
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        _flush_c_stdio()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _flush_c_stdio() -> None:
-    """Flush the C library's stdio buffers (what C++ code printed but did not flush)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).fflush(None)
-
-
-@contextlib.contextmanager
 def _quiet_open3d(o3d):
     """Silence open3d below errors and keep its output off stdout."""
     util = o3d.utility
@@ -334,7 +304,7 @@ def _quiet_open3d(o3d):
         old = None
     util.set_verbosity_level(util.VerbosityLevel.Error)
     try:
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             yield
     finally:
         if old is not None:

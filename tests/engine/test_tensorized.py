@@ -1,6 +1,5 @@
 """The dense backend against naive formulas, and the registry's choices and refusals."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -69,8 +68,11 @@ def test_kernel_sum_matches_naive(name):
     be = get_backend("tensorized")
     out = be.kernel_sum(be.pair(x, y, Kernel(name, 0.3)), w)[0]
     dist = torch.cdist(x[0], y[0])
-    k = {"gaussian": torch.exp(-(dist**2) / (2 * 0.09)), "laplacian": torch.exp(-dist / 0.3),
-         "energy": -dist}[name]
+    k = {
+        "gaussian": torch.exp(-(dist**2) / (2 * 0.09)),
+        "laplacian": torch.exp(-dist / 0.3),
+        "energy": -dist,
+    }[name]
     assert torch.allclose(out, k @ w[0], rtol=1e-12)
 
 
@@ -81,4 +83,4 @@ def test_registry_names_and_refusals():
     with pytest.raises(ParameterError, match="unknown backend"):
         get_backend("nonsense")
     with pytest.raises(BackendUnavailable, match="needs about"):
-        choose_backend("auto", n=10**6, m=10**6, dim=3, itemsize=4, memory_bytes=2**30)
+        choose_backend("tensorized", n=10**6, m=10**6, dim=3, itemsize=4, memory_bytes=2**30)

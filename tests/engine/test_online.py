@@ -1,0 +1,246 @@
+"""The online (KeOps) backend against the dense one, its quiet stdout, and auto's choices.
+
+KeOps compiles every new formula (and every backward formula) on first use, ~7 s each:
+the tests share one dimension (D = 3), float64, and as few formulas as possible.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import geomreg
+from geomreg.engine import Cost, Kernel, choose_backend, get_backend
+from geomreg.engine import online as online_module
+from geomreg.errors import BackendUnavailable
+
+OK, WHY = online_module.keops_available()
+if not OK:
+    pytest.skip(f"KeOps unavailable: {WHY}", allow_module_level=True)
+
+F64 = torch.float64
+
+
+def _clouds(b=2, n=30, m=20, d=3, seed=0, dtype=F64, shared=4):
+    """Random clouds whose first ``shared`` points coincide (exercises norms at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, n, d, generator=g, dtype=dtype)
+    y = torch.rand(b, m, d, generator=g, dtype=dtype) + 0.2
+    y[:, :shared] = x[:, :shared]
+    return x, y
+
+
+def _weights(b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(b, n, generator=g, dtype=F64) + 0.1
+    return w / w.sum(-1, keepdim=True)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return get_backend("online"), get_backend("tensorized")
+
+
+# ---------------------------------------------------------------- engine operations
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_softmin_matches_tensorized(engines, p):
+    on, te = engines
+    x, y = _clouds()
+    h = torch.randn(2, y.shape[1], dtype=F64, generator=torch.Generator().manual_seed(1))
+    for eps in (0.5, 0.01):  # one compiled formula for every epsilon
+        got = on.softmin(eps, on.pair(x, y, Cost(p)), h)
+        want = te.softmin(eps, te.pair(x, y, Cost(p)), h)
+        assert got.shape == want.shape == (2, x.shape[1])
+        assert torch.allclose(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "laplacian", "energy"])
+def test_kernel_sum_matches_tensorized(engines, name):
+    on, te = engines
+    x, y = _clouds()
+    w = _weights(2, y.shape[1], seed=2)
+    for sigma in (0.3, 2.0):
+        got = on.kernel_sum(on.pair(x, y, Kernel(name, sigma)), w)
+        want = te.kernel_sum(te.pair(x, y, Kernel(name, sigma)), w)
+        assert got.shape == want.shape == (2, x.shape[1])
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 5), (4, 1), (1, 1)])
+def test_single_point_measures(engines, n, m):
+    """KeOps reads (B, 1, 1, D) as a parameter: one-point measures are padded, exactly."""
+    on, te = engines
+    x, y = _clouds(n=n, m=m, shared=0)
+    h = torch.randn(2, m, dtype=F64, generator=torch.Generator().manual_seed(3))
+    got = on.softmin(0.1, on.pair(x, y, Cost(2)), h)
+    assert torch.allclose(got, te.softmin(0.1, te.pair(x, y, Cost(2)), h), rtol=1e-10, atol=0)
+    w = h.exp()
+    got = on.kernel_sum(on.pair(x, y, Kernel("energy", 1.0)), w)
+    assert torch.allclose(got, te.kernel_sum(te.pair(x, y, Kernel("energy", 1.0)), w), rtol=1e-10)
+
+
+# ---------------------------------------------------------------- divergences
+
+CASES = {
+    "sinkhorn-p2": dict(loss="sinkhorn", p=2, blur=0.05),
+    "sinkhorn-p2-biased": dict(loss="sinkhorn", p=2, blur=0.05, debias=False),
+    "sinkhorn-p1": dict(loss="sinkhorn", p=1, blur=0.05),
+    "sinkhorn-p1-biased": dict(loss="sinkhorn", p=1, blur=0.05, debias=False),
+    "sinkhorn-p2-unbalanced": dict(loss="sinkhorn", p=2, blur=0.05, reach=0.3),
+    "hausdorff-p2": dict(loss="hausdorff", p=2, blur=0.05),
+    "energy": dict(loss="energy"),
+    "gaussian": dict(loss="gaussian", blur=0.2),
+    "laplacian": dict(loss="laplacian", blur=0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_divergence_matches_tensorized(case):
+    x, y = _clouds(n=40, m=35)
+    a, b = _weights(2, 40, seed=4), _weights(2, 35, seed=5)
+    kw = dict(a=a, b=b, tol=1e-9, **CASES[case])
+    got = geomreg.divergence(x, y, backend="online", **kw)
+    want = geomreg.divergence(x, y, backend="tensorized", **kw)
+    assert got.backend == "online" and got.backend_reason == "requested"
+    assert got.n_iter == want.n_iter
+    assert torch.allclose(got.value, want.value, rtol=1e-6, atol=1e-12), (got.value, want.value)
+
+
+def _grads(backend, x, y, a, b, wrt, **kw):
+    x, y, a, b = (t.clone().requires_grad_(name in wrt) for t, name in zip((x, y, a, b), "xyab", strict=True))
+    value = geomreg.divergence(x, y, a=a, b=b, backend=backend, normalize=False, **kw).value.sum()
+    inputs = [t for t, name in zip((x, y, a, b), "xyab", strict=True) if name in wrt]
+    return torch.autograd.grad(value, inputs)
+
+
+@pytest.mark.parametrize(
+    ("case", "wrt"),
+    [
+        ("sinkhorn-p2", "xyab"),  # point gradients through KeOps; weights by the envelope theorem
+        ("hausdorff-p2", "xyab"),  # autograd through rows, columns and log-weights
+        ("energy", "xyab"),  # through x_i, y_j and the weights w_j of a kernel sum
+    ],
+)
+def test_gradients_match_tensorized(case, wrt):
+    x, y = _clouds(n=40, m=35, seed=6)
+    a, b = _weights(2, 40, seed=7), _weights(2, 35, seed=8)
+    kw = dict(tol=1e-10, **CASES[case])
+    got = _grads("online", x, y, a, b, wrt, **kw)
+    want = _grads("tensorized", x, y, a, b, wrt, **kw)
+    for name, g_on, g_te in zip(wrt, got, want, strict=True):
+        assert torch.isfinite(g_on).all(), name
+        assert _rel(g_on, g_te) < 1e-6, (name, _rel(g_on, g_te))
+
+
+@pytest.mark.parametrize("case", ["sinkhorn-p1", "energy"])
+def test_gradients_finite_at_coincident_points(case):
+    """|x - y| at x = y: value exactly 0, zero subgradient (KeOps' rsqrt(0) = 0), no NaN."""
+    x, _ = _clouds(n=12, m=12, seed=9)
+    y = x.clone()
+    y[:, 6:] += 0.3  # half the points coincide
+    got = _grads("online", x, y, _weights(2, 12, 1), _weights(2, 12, 2), "xy", tol=1e-10, **CASES[case])
+    want = _grads("tensorized", x, y, _weights(2, 12, 1), _weights(2, 12, 2), "xy", tol=1e-10, **CASES[case])
+    for g_on, g_te in zip(got, want, strict=True):
+        assert torch.isfinite(g_on).all()
+        assert _rel(g_on, g_te) < 1e-6
+
+
+def test_float32_agrees_with_float64():
+    x, y = _clouds(n=200, m=150, seed=10)
+    kw = dict(loss="sinkhorn", p=2, blur=0.05, backend="online")
+    v32 = geomreg.divergence(x.float(), y.float(), **kw)
+    v64 = geomreg.divergence(x, y, **kw)
+    assert v32.dtype == "float32" and v64.dtype == "float64"
+    assert _rel(v32.value.double(), v64.value) < 1e-4
+
+
+# ---------------------------------------------------------------- stdout and choices
+
+
+def test_stdout_to_stderr_redirects_python_and_fd_writes(capfd):
+    with online_module.stdout_to_stderr():
+        print("python print")
+        os.write(1, b"fd write\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "after\n"
+    assert "python print" in err and "fd write" in err
+
+
+def test_pykeops_not_imported_with_geomreg():
+    code = "import sys, geomreg, geomreg.engine.online; assert 'pykeops' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_stdout_is_one_float(tmp_path):
+    script = Path(sys.executable).parent / "geomreg"
+    if not script.exists():
+        pytest.skip(f"console script {script} not installed")
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", g.random((50, 3)))
+    np.save(tmp_path / "b.npy", g.random((40, 3)) + 0.1)
+    run = subprocess.run(
+        [str(script), "distance", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--backend", "online"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1 and run.stdout == lines[0] + "\n", run.stdout
+    assert float(lines[0]) > 0
+    assert "[KeOps]" not in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "KeOps crashed (SIGSEGV)"),
+        ("import sys; sys.exit('no luck')", "test process failed (exit 1: no luck)"),
+        ("print('[true, 1]'); print('[true, \"fine\"]')", "fine"),  # the last line counts
+    ],
+)
+def test_probe_subprocess_outcomes(monkeypatch, code, reason):
+    """A crash of KeOps in the test process (seen with CUDA 13 on an H100) is an answer, not a crash."""
+    monkeypatch.setattr(online_module, "_PROBE_CODE", code)
+    ok, why = online_module._probe_in_subprocess()
+    assert ok == (reason == "fine") and reason in why
+
+
+def test_auto_picks_online_for_large_problems():
+    small = choose_backend("auto", n=4000, m=4000, dim=3, itemsize=4, memory_bytes=2**50)
+    assert small.name == "tensorized"
+    # on the CPU the dense backend is faster while it fits; on a GPU, online above 5000^2
+    big_cpu = choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50)
+    assert big_cpu.name == "tensorized"
+    big = choose_backend(
+        "auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50, device_type="cuda"
+    )
+    assert big.name == "online" and "5000x5000" in big.reason
+    no_room = choose_backend("auto", n=4000, m=4000, dim=3, itemsize=4, memory_bytes=2**20)
+    assert no_room.name == "online" and "needs about" in no_room.reason
+    assert choose_backend("online", n=10, m=10, dim=3, itemsize=4, memory_bytes=None).name == "online"
+
+
+def test_unavailable_keops(monkeypatch):
+    monkeypatch.setattr(online_module, "keops_available", lambda: (False, "no compiler here"))
+    with pytest.raises(BackendUnavailable, match="online needs pykeops.*no compiler here"):
+        get_backend("online")
+    with pytest.raises(BackendUnavailable, match="no compiler here"):
+        choose_backend("online", n=10, m=10, dim=3, itemsize=4, memory_bytes=None)
+    # auto falls back to dense matrices when they fit, else says what to install
+    fallback = choose_backend(
+        "auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50, device_type="cuda"
+    )
+    assert fallback.name == "tensorized" and "no compiler here" in fallback.reason
+    with pytest.raises(BackendUnavailable, match="pip install 'pykeops"):
+        choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**30)
