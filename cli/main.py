@@ -68,9 +68,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import distance
+    from . import distance, warmup
 
     distance.register(app)
+    warmup.register(app)
 
 
 _register_commands()

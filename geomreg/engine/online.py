@@ -27,13 +27,14 @@ a measure of a single point is padded with a second point that contributes nothi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,48 @@ def _show_notice() -> None:
         print(COMPILE_NOTICE, file=sys.stderr, flush=True)
 
 
-def _reduce(reduction: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run one KeOps reduction with stdout redirected; the compile notice comes first, once."""
+def _reduce(key: tuple, reduction: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run one KeOps reduction with stdout redirected; the compile notice comes first, once.
+
+    The first run of each formula ``key`` in this process holds :func:`compile_lock`, so
+    that processes sharing KeOps' cache never compile the same formula at the same time
+    (KeOps issue 168: parallel compilations collide); later runs take no lock.
+    """
     _show_notice()
-    with stdout_to_stderr():
-        return reduction()
+    guard = contextlib.nullcontext() if key in _seen_formulas else compile_lock()
+    with guard, stdout_to_stderr():
+        out = reduction()
+    _seen_formulas.add(key)
+    return out
+
+
+#: formula keys already run (hence compiled or loaded) by this process
+_seen_formulas: set[tuple] = set()
+
+
+@contextlib.contextmanager
+def compile_lock() -> Iterator[None]:
+    """An exclusive lock shared by every process using this KeOps cache folder.
+
+    A file lock (``fcntl.flock``) on ``.geomreg-compile.lock`` in KeOps' build folder; where
+    ``fcntl`` does not exist (Windows) it is a no-op.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    _lazy_tensor()  # pykeops imported: its build folder is known
+    import pykeops
+
+    folder = Path(pykeops.get_build_folder())
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".geomreg-compile.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def keops_available() -> tuple[bool, str]:
@@ -245,7 +283,8 @@ class OnlineBackend(Backend):
             z = h_j - _param(0.5 / eps, h) * d2
         else:
             z = h_j - _param(1.0 / eps, h) * d2.sqrt()
-        lse = _reduce(lambda: z.logsumexp(dim=2))
+        key = ("softmin", pair.fn.p, pair.x.shape[-1], str(h.dtype), h.device.type)
+        lse = _reduce(key, lambda: z.logsumexp(dim=2))
         return -eps * lse[:, :n, 0]
 
     def kernel_sum(self, pair: OnlinePair, w: torch.Tensor) -> torch.Tensor:
@@ -260,5 +299,61 @@ class OnlineBackend(Backend):
             k = -d2.sqrt()
         else:
             raise ValueError(f"unknown kernel {kernel.name!r}")
-        out = _reduce(lambda: (k * w_j).sum(dim=2))
+        key = ("kernel", kernel.name, pair.x.shape[-1], str(w.dtype), w.device.type)
+        out = _reduce(key, lambda: (k * w_j).sum(dim=2))
         return out[:, :n, 0]
+
+
+def warmup(
+    *,
+    losses: tuple[str, ...] = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian"),
+    ps: tuple[int, ...] = (1, 2),
+    dim: int = 3,
+    dtypes: tuple[str, ...] = ("float32",),
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Compile, once, the KeOps formulas that runs with these settings will need.
+
+    Each configuration runs :func:`geomreg.divergence` with ``backend="online"`` on two tiny
+    clouds, with gradients with respect to points and weights, so that the forward and the
+    backward formulas are both in KeOps' cache afterwards (for batch scripts and CI: start
+    parallel workers after ``geomreg warmup``). ``p`` only matters for sinkhorn and
+    hausdorff; kernels are warmed once per dtype.
+
+    Returns:
+        One dict per configuration: loss, p (or None), dim, dtype, device, seconds.
+    """
+    from ..api import divergence
+
+    done = []
+    for dtype in dtypes:
+        for loss in losses:
+            for p in ps if loss in ("sinkhorn", "hausdorff") else (None,):
+                gen = torch.Generator().manual_seed(0)
+                tdt = getattr(torch, dtype)
+                x = torch.rand(5, dim, generator=gen, dtype=tdt).to(device).requires_grad_(True)
+                y = torch.rand(4, dim, generator=gen, dtype=tdt).to(device).requires_grad_(True)
+                a = torch.full((5,), 0.2, dtype=tdt, device=device, requires_grad=True)
+                b = torch.full((4,), 0.25, dtype=tdt, device=device, requires_grad=True)
+                start = _now()
+                r = divergence(
+                    x, y, a=a, b=b, loss=loss, p=p or 2, backend="online", normalize=False, tol=float("inf")
+                )
+                r.value.backward()
+                done.append(
+                    {
+                        "loss": loss,
+                        "p": p,
+                        "dim": dim,
+                        "dtype": dtype,
+                        "device": device,
+                        "seconds": _now() - start,
+                    }
+                )
+    return done
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()

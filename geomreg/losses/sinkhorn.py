@@ -166,7 +166,7 @@ def sinkhorn_loss(
         return float(marginal_error(f, f_next, w, eps, rho).max())
 
     def delta(*pairs) -> float:
-        return max(float((new - old).abs().max()) for old, new in pairs)
+        return max(float((new.detach() - old.detach()).abs().max()) for old, new in pairs)
 
     # Rows carry gradients, columns are detached: autograd then yields the envelope-theorem
     # gradients a_i * grad F(x_i) from the final step alone.

@@ -4,6 +4,7 @@ KeOps compiles every new formula (and every backward formula) on first use, ~7 s
 the tests share one dimension (D = 3), float64, and as few formulas as possible.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,44 @@ def test_unavailable_keops(monkeypatch):
     assert fallback.name == "tensorized" and "no compiler here" in fallback.reason
     with pytest.raises(BackendUnavailable, match="pip install 'pykeops"):
         choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**30)
+
+
+def test_warmup_command_compiles_forward_and_backward_and_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(
+        app, ["warmup", "--loss", "energy", "--dim", "2", "--dtype", "float64", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("[")][0]
+    done = json.loads(line)
+    assert [(c["loss"], c["dim"], c["dtype"]) for c in done] == [("energy", 2, "float64")]
+    bad = CliRunner().invoke(app, ["warmup", "--loss", "nope"])
+    assert bad.exit_code == 2
+
+
+def test_parallel_first_compilations_do_not_collide(tmp_path):
+    """Three processes compile the same new formula in a fresh KeOps folder at once."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys, torch, pykeops\n"
+        f"pykeops.set_build_folder({str(tmp_path / 'keops')!r})\n"
+        "import geomreg\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.rand(30, 2, generator=g, dtype=torch.float64)\n"
+        "y = torch.rand(20, 2, generator=g, dtype=torch.float64)\n"
+        "r = geomreg.divergence(x, y, loss='laplacian', blur=0.3, backend='online')\n"
+        "print(repr(r.value.item()))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
+    values = {o[0].strip() for o in outs}
+    assert len(values) == 1
