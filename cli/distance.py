@@ -67,6 +67,12 @@ def distance(
     potentials: Annotated[
         str | None, typer.Option(help="Write the dual potentials to PREFIX_a.npy and PREFIX_b.npy.")
     ] = None,
+    cost: Annotated[
+        str | None,
+        typer.Option(
+            help="Ground cost as a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2' (online backend)."
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the value.")
     ] = False,
@@ -108,6 +114,7 @@ def distance(
             dtype=dtype,
             normalize=not keep_mass,
             potentials=potentials is not None,
+            cost=cost,
         )
 
         _write_outputs(result, log=log, potentials=potentials, protect=inputs)

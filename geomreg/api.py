@@ -49,6 +49,7 @@ def divergence(
     normalize: bool = True,
     potentials: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
+    cost: str | None = None,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
 
@@ -78,6 +79,10 @@ def divergence(
             ``--keep-mass`` sets this to False).
         potentials: also return the dual potentials ``(F, G)``.
         on_step: callback receiving each Sinkhorn :class:`StepLog` as it completes.
+        cost: a KeOps formula in the variables X and Y replacing the ground cost of sinkhorn
+            and hausdorff, e.g. ``"SqDist(X,Y)/2"`` (the default for p = 2) or
+            ``"Norm2(X-Y)"``; needs the online backend (``auto`` picks it). ``p`` still sets
+            eps = blur ** p.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -122,6 +127,14 @@ def divergence(
         bbox_diameter = float((hi - lo).norm())
     xs, ys = xs - centre, ys - centre
 
+    if cost is not None:
+        if loss not in ("sinkhorn", "hausdorff"):
+            raise ParameterError("--cost", f"applies to sinkhorn and hausdorff, not {loss}")
+        if not (isinstance(cost, str) and cost.strip()):
+            raise ParameterError("--cost", "must be a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2'")
+        if backend == "tensorized":
+            raise ParameterError("--cost", "a KeOps formula needs --backend online (or auto)")
+        backend = "online"
     choice = choose_backend(
         backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
         itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
@@ -133,6 +146,7 @@ def divergence(
     params: dict[str, Any] = dict.fromkeys(
         ("p", "blur", "eps", "reach", "rho", "diameter", "scaling", "debias", "tol", "max_iter")
     )
+    params["cost"] = cost
     t0 = _now(xs.device)
     if loss == "sinkhorn":
         d = bbox_diameter if diameter is None else float(diameter)
@@ -145,12 +159,13 @@ def divergence(
             )
         schedule = EpsilonSchedule(p, d, blur, scaling)
         out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
-                            debias=debias, tol=tol, max_iter=max_iter, on_step=on_step)
+                            debias=debias, tol=tol, max_iter=max_iter, on_step=on_step,
+                            cost_formula=cost)
         params.update(p=p, blur=blur, eps=schedule.eps, reach=reach,
                       rho=None if reach is None else reach**p, diameter=d, scaling=scaling,
                       debias=debias, tol=tol, max_iter=max_iter)
     elif loss == "hausdorff":
-        out = hausdorff_loss(engine, xs, a_t, ys, b_t, p=p, blur=blur)
+        out = hausdorff_loss(engine, xs, a_t, ys, b_t, p=p, blur=blur, cost_formula=cost)
         params.update(p=p, blur=blur, eps=blur**p)
     else:
         out = kernel_loss(engine, xs, a_t, ys, b_t, name=loss, blur=blur, potentials=potentials)

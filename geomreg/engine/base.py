@@ -36,17 +36,27 @@ def safe_norm(d2: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Cost:
-    r"""Ground cost of optimal transport: p = 1: :math:`\|x-y\|`; p = 2: :math:`\tfrac12\|x-y\|^2`."""
+    r"""Ground cost of optimal transport: p = 1: :math:`\|x-y\|`; p = 2: :math:`\tfrac12\|x-y\|^2`.
+
+    ``formula``, when given, replaces it by a KeOps formula in the variables ``X`` (row point)
+    and ``Y`` (column point), e.g. ``"SqDist(X,Y)/2"`` or ``"Norm2(X-Y)"``; only the online
+    backend can evaluate it. ``p`` then only sets the temperature eps = blur ** p.
+    """
 
     p: int
+    formula: str | None = None
 
     name = "cost"
 
     def from_sqdist(self, d2: torch.Tensor) -> torch.Tensor:
         """The cost matrix from the matrix of squared distances."""
+        if self.formula is not None:
+            raise ValueError("a KeOps formula cost is evaluated by the online backend only")
         return d2 / 2 if self.p == 2 else safe_norm(d2)
 
     def __str__(self) -> str:
+        if self.formula is not None:
+            return self.formula
         return "|x-y|^2/2" if self.p == 2 else "|x-y|"
 
 

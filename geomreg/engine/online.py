@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .._stdio import stdout_to_stderr
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, ParameterError
 from .base import Backend, Cost, Kernel
 
 #: printed on stderr once per process, before the first KeOps reduction
@@ -277,6 +277,8 @@ class OnlineBackend(Backend):
 
     def softmin(self, eps: float, pair: OnlinePair, h: torch.Tensor) -> torch.Tensor:
         r"""``-eps * logsumexp_j(h_j - C(x_i, y_j) / eps)``, one KeOps reduction."""
+        if pair.fn.formula is not None:
+            return _formula_softmin(eps, pair, h)
         n = pair.x.shape[1]
         _, _, h_j, d2 = _symbolic(pair, h, -float("inf"))
         if pair.fn.p == 2:
@@ -302,6 +304,42 @@ class OnlineBackend(Backend):
         key = ("kernel", kernel.name, pair.x.shape[-1], str(w.dtype), w.device.type)
         out = _reduce(key, lambda: (k * w_j).sum(dim=2))
         return out[:, :n, 0]
+
+
+def _formula_softmin(eps: float, pair: OnlinePair, h: torch.Tensor) -> torch.Tensor:
+    """Softmin for a cost given as a KeOps formula in X and Y (one Genred per formula)."""
+    _lazy_tensor()  # pykeops imported quietly
+    from pykeops.torch import Genred
+
+    dim, formula = pair.x.shape[-1], pair.fn.formula
+    key = ("formula-softmin", formula, dim, str(h.dtype), h.device.type)
+    routine = _genred_cache.get(key)
+    if routine is None:
+        with stdout_to_stderr():
+            routine = Genred(
+                f"H - E * ({formula})",
+                [f"X = Vi({dim})", f"Y = Vj({dim})", "H = Vj(1)", "E = Pm(1)"],
+                reduction_op="LogSumExp",
+                axis=1,
+            )
+        _genred_cache[key] = routine
+    inv_eps = torch.tensor([1.0 / eps], dtype=h.dtype, device=h.device)
+    try:
+        rows = [
+            _reduce(key, lambda b=b: routine(pair.x[b], pair.y[b], h[b][:, None], inv_eps))[:, 0]
+            for b in range(pair.x.shape[0])
+        ]
+    except Exception as exc:  # KeOps rejects the formula (syntax, unknown operation, ...)
+        if key in _seen_formulas:
+            raise
+        _genred_cache.pop(key, None)
+        message = " ".join(str(exc).split())[:160]
+        raise ParameterError("--cost", f"KeOps cannot use the formula {formula!r}: {message}") from None
+    return -eps * torch.stack(rows)
+
+
+#: compiled Genred routines for formula costs, by (kind, formula, D, dtype, device)
+_genred_cache: dict[tuple, Any] = {}
 
 
 def warmup(

@@ -31,6 +31,7 @@ def hausdorff_loss(
     *,
     p: int,
     blur: float,
+    cost_formula: str | None = None,
 ) -> LossOutput:
     """Hausdorff divergence; potentials are the half-differences of soft-mins on each side.
 
@@ -40,9 +41,10 @@ def hausdorff_loss(
         y, b: ``(B, M, D)`` points and ``(B, M)`` weights of the target.
         p: exponent of the cost (1 or 2).
         blur: sigma; the temperature is ``blur ** p``.
+        cost_formula: a KeOps formula in X and Y replacing the cost (online backend only).
     """
     eps = float(blur) ** p
-    cost = Cost(p)
+    cost = Cost(p, cost_formula)
     a_log, b_log = log_weights(a), log_weights(b)
     sm = backend.softmin
     f_xb = sm(eps, backend.pair(x, y, cost), b_log)  # Sm[beta](x)

@@ -127,6 +127,7 @@ def sinkhorn_loss(
     tol: float,
     max_iter: int,
     on_step: Callable[[StepLog], None] | None = None,
+    cost_formula: str | None = None,
 ) -> LossOutput:
     r"""Sinkhorn divergence :math:`S_\varepsilon(\alpha, \beta)` (or :math:`OT_\varepsilon` if not debiased).
 
@@ -143,11 +144,12 @@ def sinkhorn_loss(
         max_iter: most iterations in all, schedule steps and the final step included
             (at least ``len(schedule) + 1``).
         on_step: called with each :class:`StepLog` as soon as the step is done.
+        cost_formula: a KeOps formula in X and Y replacing the cost (online backend only).
 
     Returns:
         values ``(B,)`` differentiable with respect to x, y, a, b; potentials (F, G).
     """
-    cost = Cost(p)
+    cost = Cost(p, cost_formula)
     rho = None if reach is None else float(reach) ** p
     eps_list = schedule.epsilons
     sm = backend.softmin

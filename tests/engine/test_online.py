@@ -286,3 +286,38 @@ def test_parallel_first_compilations_do_not_collide(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
     values = {o[0].strip() for o in outs}
     assert len(values) == 1
+
+
+@pytest.mark.parametrize("p,formula", [(2, "SqDist(X,Y)/2"), (1, "Norm2(X-Y)")])
+def test_formula_cost_equals_the_builtin_cost(p, formula):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.rand(30, 3, generator=g, dtype=torch.float64) + 0.1
+    custom = geomreg.divergence(x, y, p=p, cost=formula, tol=1e-8)
+    builtin = geomreg.divergence(x, y, p=p, backend="tensorized", tol=1e-8)
+    assert custom.backend == "online" and custom.params["cost"] == formula
+    assert custom.value.item() == pytest.approx(builtin.value.item(), rel=1e-9)
+    (g1,) = torch.autograd.grad(custom.value, x)
+    (g2,) = torch.autograd.grad(builtin.value, x)
+    assert torch.allclose(g1, g2, atol=1e-9)
+    hd = geomreg.divergence(x, y, p=p, loss="hausdorff", cost=formula).value.item()
+    hd_ref = geomreg.divergence(x, y, p=p, loss="hausdorff", backend="tensorized").value.item()
+    assert hd == pytest.approx(hd_ref, rel=1e-9)
+
+
+def test_formula_cost_changes_the_value_and_is_validated():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(40, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(30, 2, generator=g, dtype=torch.float64) + 0.1
+    quartic = geomreg.divergence(x, y, cost="Square(SqDist(X,Y))", tol=1e-8).value.item()
+    quadratic = geomreg.divergence(x, y, backend="tensorized", tol=1e-8).value.item()
+    assert quartic > 0 and abs(quartic / quadratic - 1) > 0.1
+    for kwargs, where in [
+        (dict(cost="SqDist(X,"), "--cost"),
+        (dict(cost="SqDist(X,Y)", backend="tensorized"), "--cost"),
+        (dict(cost="SqDist(X,Y)", loss="energy"), "--cost"),
+        (dict(cost="  "), "--cost"),
+    ]:
+        with pytest.raises(geomreg.ParameterError) as err:
+            geomreg.divergence(x, y, **kwargs)
+        assert err.value.where == where
