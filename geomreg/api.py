@@ -18,7 +18,7 @@ import torch
 from . import defaults
 from ._version import __version__
 from .engine import choose_backend, get_backend
-from .errors import InputError, ParameterError
+from .errors import BackendUnavailable, InputError, ParameterError
 from .losses import hausdorff_loss, kernel_loss, sinkhorn_loss
 from .measure import Measure
 from .params import check_params
@@ -221,8 +221,6 @@ def _resolve_device(device, x, y) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ParameterError("--device", f"unknown device {device!r}: auto, cpu or cuda") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import BackendUnavailable
-
         raise BackendUnavailable("--device", "cuda requested but torch sees no CUDA GPU here")
     if dev.type not in ("cpu", "cuda"):
         raise ParameterError("--device", f"unsupported device {device!r}: auto, cpu or cuda")

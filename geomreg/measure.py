@@ -74,13 +74,6 @@ class Measure:
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "weights", w)
 
-    @classmethod
-    def uniform(cls, points, source: str = "<array>") -> Measure:
-        """A measure with weights 1/N on the given ``(N, D)`` points."""
-        pts = np.asarray(points)
-        n = pts.shape[0] if pts.ndim >= 1 else 0
-        return cls(pts, np.full(n, 1.0 / max(n, 1)), source)
-
     @property
     def n(self) -> int:
         """Number of points N."""
@@ -95,14 +88,6 @@ class Measure:
     def mass(self) -> float:
         """Total mass sum_i a_i."""
         return float(self.weights.sum())
-
-    def with_weights(self, weights, source: str | None = None) -> Measure:
-        """The same points with other weights (validated against N)."""
-        return Measure(self.points, weights, source or self.source, self.grid)
-
-    def normalized(self) -> Measure:
-        """The same measure scaled to total mass 1."""
-        return Measure(self.points, self.weights / self.weights.sum(), self.source, self.grid)
 
 
 def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:

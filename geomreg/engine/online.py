@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,7 +374,7 @@ def warmup(
                 y = torch.rand(4, dim, generator=gen, dtype=tdt).to(device).requires_grad_(True)
                 a = torch.full((5,), 0.2, dtype=tdt, device=device, requires_grad=True)
                 b = torch.full((4,), 0.25, dtype=tdt, device=device, requires_grad=True)
-                start = _now()
+                start = time.perf_counter()
                 r = divergence(
                     x, y, a=a, b=b, loss=loss, p=p or 2, backend="online", normalize=False, tol=float("inf")
                 )
@@ -385,13 +386,7 @@ def warmup(
                         "dim": dim,
                         "dtype": dtype,
                         "device": device,
-                        "seconds": _now() - start,
+                        "seconds": time.perf_counter() - start,
                     }
                 )
     return done
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
