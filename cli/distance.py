@@ -11,7 +11,7 @@ import typer
 from geomreg import defaults
 
 from .errors import EXIT_NOT_CONVERGED, handle_errors
-from .output import dumps, err_console, print_data, schedule_table, warn
+from .output import dumps, err_console, multiscale_summary, print_data, schedule_table, warn
 
 LOSS_HELP = (
     "sinkhorn (debiased entropic OT, S_eps), hausdorff, energy (half the energy distance), "
@@ -46,7 +46,24 @@ def distance(
     max_iter: Annotated[
         int, typer.Option(help="Most Sinkhorn iterations, schedule included.")
     ] = defaults.MAX_ITER,
-    backend: Annotated[str, typer.Option(help="auto, tensorized or online (KeOps, linear memory).")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto, tensorized (dense), online (KeOps, linear memory) or multiscale "
+            "(clusters + truncation, one pair of clouds in D <= 3, linear memory)."
+        ),
+    ] = "auto",
+    truncate: Annotated[
+        float | None,
+        typer.Option(
+            help="multiscale: drop blocks whose plan weight is below exp(-T) of the best "
+            "(default 5 for p=2, 15 for p=1; kernels: 25)."
+        ),
+    ] = None,
+    cluster_scale: Annotated[
+        float | None,
+        typer.Option(help="multiscale: side of the grid cells that form the clusters (default: automatic)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     weights_a: Annotated[Path | None, typer.Option(help="Weights of A: .npy or text, one per point.")] = None,
@@ -115,11 +132,17 @@ def distance(
             normalize=not keep_mass,
             potentials=potentials is not None,
             cost=cost,
+            truncate=truncate,
+            cluster_scale=cluster_scale,
         )
+        if result.backend_fallback:
+            warn(result.backend_fallback)
 
         _write_outputs(result, log=log, potentials=potentials, protect=inputs)
         if verbose and result.schedule:
             err_console().print(schedule_table(result.schedule))
+        if verbose and result.multiscale:
+            err_console().print(multiscale_summary(result.multiscale))
         if verbose:
             err_console().print(
                 f"{result.loss} = {result.value.item():.6g} | backend {result.backend} "

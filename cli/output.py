@@ -76,3 +76,20 @@ def _thin(n: int, max_rows: int) -> list[int]:
         return list(range(n))
     head = max_rows // 2
     return list(range(head)) + list(range(n - (max_rows - head), n))
+
+
+def multiscale_summary(info: dict) -> str:
+    """One paragraph on the multiscale backend's work (``--verbose``)."""
+    kept = info.get("pairs_kept_fraction") or {}
+    kept_text = ", ".join(f"{k} {v:.1%}" for k, v in kept.items()) or "every pair"
+    jump = info["jump_step"]
+    phases = (
+        f"coarse steps 0-{jump - 1}, then the points from step {jump} (blur {info['jump_blur']:.4g})"
+        if jump > 0
+        else "no coarse step (the clusters are as large as the problem)"
+    )
+    return (
+        f"multiscale: {info['clusters'][0]} + {info['clusters'][1]} clusters of side "
+        f"{info['cluster_scale']:.4g}; {phases}; truncation at {info['truncate']:g} eps keeps "
+        f"{kept_text} of the pairs"
+    )

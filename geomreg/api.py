@@ -50,6 +50,8 @@ def divergence(
     potentials: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
     cost: str | None = None,
+    truncate: float | None = None,
+    cluster_scale: float | None = None,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
 
@@ -83,6 +85,11 @@ def divergence(
             and hausdorff, e.g. ``"SqDist(X,Y)/2"`` (the default for p = 2) or
             ``"Norm2(X-Y)"``; needs the online backend (``auto`` picks it). ``p`` still sets
             eps = blur ** p.
+        truncate: multiscale backend: drop the blocks of cluster pairs whose transport weight
+            is below ``exp(-truncate)`` of their row's best (Sinkhorn; default 5), or whose
+            kernel is below ``exp(-truncate)`` (gaussian, laplacian; default 25).
+        cluster_scale: multiscale backend: side of the grid cells that form the clusters;
+            default diameter / (sqrt(D) * 2000 ** (1/D)).
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -138,9 +145,11 @@ def divergence(
     choice = choose_backend(
         backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
         itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
-        device_type=xs.device.type,
+        device_type=xs.device.type, batch=xs.shape[0],
     )
-    engine = get_backend(choice.name)
+    if choice.name != "multiscale" and backend == "auto":
+        truncate = cluster_scale = None  # knobs of a backend that auto did not pick
+    engine = get_backend(choice.name, truncate=truncate, cluster_scale=cluster_scale)
 
     # Every key is always present (None where it does not apply): one result shape.
     params: dict[str, Any] = dict.fromkeys(
@@ -195,6 +204,8 @@ def divergence(
         potentials=pots,
         time_s=elapsed,
         versions=versions(),
+        multiscale=out.engine_info,
+        backend_fallback=choice.fallback,
     )
 
 

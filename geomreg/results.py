@@ -15,7 +15,8 @@ class StepLog:
 
     Attributes:
         index: 0-based step number over the whole run.
-        phase: ``"schedule"`` (epsilon-scaling descent), ``"converge"`` (extra iterations
+        phase: ``"coarse"`` (descent steps run on cluster centroids by the multiscale
+            backend), ``"schedule"`` (epsilon-scaling descent), ``"converge"`` (extra iterations
             at the final epsilon until the tolerance is met) or ``"final"`` (the last
             extrapolation step, the one that carries gradients).
         eps: temperature epsilon of the step.
@@ -50,6 +51,8 @@ class LossOutput:
         n_iter: Sinkhorn iterations run (0 for closed-form losses).
         marginal_error: final marginal error, or None for closed-form losses.
         converged: whether the stopping rule was met (always True for closed forms).
+        engine_info: what the backend reports about its work (multiscale: clusters, jump,
+            blocks kept), or None.
     """
 
     values: Any
@@ -58,6 +61,7 @@ class LossOutput:
     n_iter: int = 0
     marginal_error: float | None = None
     converged: bool = True
+    engine_info: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,10 @@ class DivergenceResult:
         potentials: ``(F, G)`` detached, when asked for, else None.
         time_s: compute time (no file reading, no imports).
         versions: geomreg, torch, python.
+        multiscale: the multiscale backend's report (cluster scale, clusters, the step where
+            it jumps to the points, fractions of blocks and pairs kept), else None.
+        backend_fallback: set when ``auto`` could not use the backend it preferred (KeOps
+            cannot compile here) and took another; the command line prints it on stderr.
     """
 
     value: Any
@@ -98,6 +106,8 @@ class DivergenceResult:
     potentials: tuple[Any, Any] | None
     time_s: float
     versions: dict[str, str]
+    multiscale: dict[str, Any] | None = None
+    backend_fallback: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view: numbers, strings, lists (potentials are left out)."""
@@ -119,4 +129,6 @@ class DivergenceResult:
             "schedule": [s.to_dict() for s in self.schedule],
             "time_s": self.time_s,
             "versions": self.versions,
+            "multiscale": self.multiscale,
+            "backend_fallback": self.backend_fallback,
         }

@@ -808,6 +808,53 @@ def test_verbose_goes_to_stderr_only(extra, clouds):
         assert loud.stdout == quiet.stdout
 
 
+def test_multiscale_options_and_verbose_summary(clouds):
+    full = invoke("distance", clouds["a"], clouds["b"], "--backend", "multiscale", "--json")
+    assert full.exit_code == 0, full.stderr
+    assert full.stderr == ""
+    record = strict_json(full.stdout)
+    assert record["backend"] == "multiscale" and record["multiscale"]["truncate"] == 5.0
+    loud = invoke(
+        "distance", clouds["a"], clouds["b"], "--backend", "multiscale", "--cluster-scale", "0.2",
+        "--truncate", "8", "--verbose",
+    )
+    assert loud.exit_code == 0, loud.stderr
+    assert "multiscale:" in loud.stderr and "clusters of side 0.2" in loud.stderr
+    assert "truncation at 8 eps" in loud.stderr
+    dense = invoke("distance", clouds["a"], clouds["b"], "--backend", "tensorized")
+    assert abs(float(loud.stdout) / float(dense.stdout) - 1) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--backend", "tensorized", "--truncate", "3"], "--truncate"),
+        (["--backend", "multiscale", "--truncate", "-1"], "--truncate"),
+        (["--backend", "multiscale", "--cluster-scale", "0"], "--cluster-scale"),
+    ],
+)
+def test_multiscale_option_errors(args, flag, clouds):
+    result = invoke("distance", clouds["a"], clouds["b"], *args)
+    assert result.exit_code == 2
+    assert result.stdout == "" and result.stderr.startswith(f"Error: {flag}")
+
+
+def test_auto_fallback_is_said_on_stderr(monkeypatch, tmp_path):
+    """auto wants online (D = 4, too many pairs for dense) but KeOps cannot run: says so."""
+    from geomreg import engine
+    from geomreg.engine import online
+
+    monkeypatch.setattr(engine, "_DENSE_MAX_PAIRS", 10)
+    monkeypatch.setattr(online, "keops_available", lambda: (False, "no compiler here"))
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "a.npy", rng.random((30, 4)))
+    np.save(tmp_path / "b.npy", rng.random((20, 4)))
+    result = invoke("distance", tmp_path / "a.npy", tmp_path / "b.npy")
+    assert result.exit_code == 0, result.stderr
+    assert math.isfinite(float(result.stdout))
+    assert "no compiler here" in result.stderr and "using tensorized instead" in result.stderr
+
+
 def test_same_command_twice_same_stdout_in_process(clouds):
     first = invoke("distance", clouds["a"], clouds["b"], "--device", "cpu", "--tol", "inf")
     second = invoke("distance", clouds["a"], clouds["b"], "--device", "cpu", "--tol", "inf")

@@ -4,8 +4,10 @@
 ``choose_backend(...)`` is the single place where ``"auto"`` is decided, and the reason is
 recorded in every result. A new backend is one new module plus one line in ``_REGISTRY``.
 
-Backends: ``tensorized`` (dense torch matrices, memory N x M) and ``online`` (KeOps
-reductions, memory N + M; needs pykeops and a C++ compiler, compiles each new formula once).
+Backends: ``tensorized`` (dense torch matrices, memory N x M), ``online`` (KeOps
+reductions, memory N + M; needs pykeops and a C++ compiler, compiles each new formula once)
+and ``multiscale`` (grid clusters, coarse-to-fine Sinkhorn and block-sparse torch
+reductions, memory N + M; one pair of clouds at a time, D <= 3).
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ def _online() -> Backend:
     return OnlineBackend()
 
 
+def _multiscale(truncate: float | None = None, cluster_scale: float | None = None) -> Backend:
+    from .multiscale import MultiscaleBackend
+
+    return MultiscaleBackend(truncate=truncate, cluster_scale=cluster_scale)
+
+
 #: name -> factory; factories import their module lazily (torch, pykeops only when needed).
-_REGISTRY: dict[str, Callable[[], Backend]] = {
+_REGISTRY: dict[str, Callable[..., Backend]] = {
     "tensorized": _tensorized,
     "online": _online,
+    "multiscale": _multiscale,
 }
+
+#: backends that take options (``--truncate``, ``--cluster-scale``)
+_OPTIONS = {"multiscale": ("truncate", "cluster_scale")}
 
 #: Dense matrices the losses hold at once: Sinkhorn keeps C_xy, C_yx, C_xx, C_yy.
 _DENSE_MATRICES = 4
@@ -57,6 +69,9 @@ _DENSE_MATRICES = 4
 #: Sinkhorn took 0.64 s dense vs 1.85 s online at 2000 x 2000 and 4.4 s vs 11.1 s at
 #: 5000 x 5000.
 _GPU_DENSE_MAX_PAIRS = 5000 * 5000
+#: On the CPU, ``auto`` leaves the dense backend above this many pairs for multiscale
+#: (see the crossover measured in bench/README.md).
+_DENSE_MAX_PAIRS = 10000 * 10000
 
 
 def available_backends() -> list[str]:
@@ -64,13 +79,22 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_backend(name: str) -> Backend:
-    """The backend registered under ``name`` (not ``"auto"``: see :func:`choose_backend`)."""
+def get_backend(name: str, **options: float | None) -> Backend:
+    """The backend registered under ``name`` (not ``"auto"``: see :func:`choose_backend`).
+
+    ``options`` (``truncate``, ``cluster_scale``) go to the backends that take them; a
+    value given to a backend that does not use it is a :class:`ParameterError`.
+    """
     if name not in _REGISTRY:
         raise ParameterError(
             "--backend", f"unknown backend {name!r}; choose auto or one of {available_backends()}"
         )
-    return _REGISTRY[name]()
+    accepted = _OPTIONS.get(name, ())
+    for key, value in options.items():
+        if value is not None and key not in accepted:
+            flag = "--" + key.replace("_", "-")
+            raise ParameterError(flag, f"applies to the multiscale backend only, not {name}")
+    return _REGISTRY[name](**{k: v for k, v in options.items() if k in accepted})
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,9 @@ class BackendChoice:
 
     name: str
     reason: str
+    #: set when ``auto`` wanted a backend that cannot run here and took another: the
+    #: command line prints it on stderr
+    fallback: str | None = None
 
 
 def choose_backend(
@@ -90,6 +117,8 @@ def choose_backend(
     itemsize: int,
     memory_bytes: int | None,
     device_type: str = "cpu",
+    batch: int = 1,
+    formula: bool = False,
 ) -> BackendChoice:
     """Decide which backend runs a problem of N x M points in dimension D.
 
@@ -97,11 +126,15 @@ def choose_backend(
 
     1. an explicit name is honoured (``tensorized`` after checking that its dense matrices
        fit in memory; ``online`` after checking that KeOps works here);
-    2. ``auto`` takes ``tensorized`` when its dense matrices fit in the available memory
-       (on a GPU, also only while N x M <= 5000 x 5000: ``_GPU_DENSE_MAX_PAIRS``);
-    3. otherwise ``online`` if KeOps works here (pykeops and a C++ compiler);
-    4. otherwise ``tensorized`` if its matrices fit in memory;
-    5. otherwise :class:`BackendUnavailable`, which suggests installing pykeops.
+    2. a cost given as a KeOps formula needs ``online``;
+    3. ``auto`` takes ``tensorized`` when its dense matrices fit in the available memory
+       and N x M is at most ``_DENSE_MAX_PAIRS`` (CPU) or ``_GPU_DENSE_MAX_PAIRS`` (GPU);
+    4. on the CPU, ``multiscale`` for one pair of clouds in D <= 3 (pure torch: it needs
+       no compiler);
+    5. ``online`` if KeOps works here (pykeops and a C++ compiler);
+    6. otherwise ``multiscale`` if it applies, else ``tensorized`` if its matrices fit;
+       the choice then carries a ``fallback`` note, printed on stderr by the CLI;
+    7. otherwise :class:`BackendUnavailable`, which suggests installing pykeops.
 
     Args:
         requested: ``"auto"`` or a registered name.
@@ -110,26 +143,36 @@ def choose_backend(
         itemsize: bytes per float (4 or 8).
         memory_bytes: memory available on the target device, or None if unknown.
         device_type: ``"cpu"`` or ``"cuda"``.
+        batch: number of pairs of clouds (multiscale handles 1).
+        formula: the cost is a KeOps formula (online only).
     """
     if requested != "auto":
         get_backend(requested)  # validates the name (and, for online, that KeOps works)
         if requested == "tensorized":
             _check_dense_fits(n, m, itemsize, memory_bytes)
         return BackendChoice(requested, "requested")
+    if formula:
+        get_backend("online")
+        return BackendChoice("online", "the cost is a KeOps formula")
     dense_problem = _dense_problem(n, m, itemsize, memory_bytes)
-    too_many = device_type != "cpu" and n * m > _GPU_DENSE_MAX_PAIRS
-    if dense_problem is None and not too_many:
+    limit = _GPU_DENSE_MAX_PAIRS if device_type != "cpu" else _DENSE_MAX_PAIRS
+    if dense_problem is None and n * m <= limit:
         return BackendChoice("tensorized", f"dense matrices of {n}x{m} fit in memory")
-    why_not_dense = dense_problem or f"{n}x{m} pairs exceed the GPU dense limit of 5000x5000"
+    why_not_dense = dense_problem or f"{n}x{m} pairs exceed the dense limit of {limit:.3g} pairs"
+    multiscale_ok = batch == 1 and dim <= 3
+    if multiscale_ok and device_type == "cpu":
+        return BackendChoice("multiscale", f"{why_not_dense}; one pair of clouds in {dim}-D")
     from .online import keops_available
 
     ok, keops_reason = keops_available()
     if ok:
         return BackendChoice("online", f"{why_not_dense}; KeOps works here ({keops_reason})")
+    if multiscale_ok:
+        note = f"the online backend cannot run here ({keops_reason}); using multiscale instead"
+        return BackendChoice("multiscale", f"{why_not_dense}; {note}", fallback=note)
     if dense_problem is None:
-        return BackendChoice(
-            "tensorized", f"dense matrices of {n}x{m} fit in memory; online unavailable ({keops_reason})"
-        )
+        note = f"the online backend cannot run here ({keops_reason}); using tensorized instead"
+        return BackendChoice("tensorized", f"dense matrices of {n}x{m} fit in memory; {note}", fallback=note)
     raise BackendUnavailable(
         "--backend",
         f"{dense_problem}; the online backend (linear memory) is unavailable: {keops_reason}. "

@@ -176,38 +176,58 @@ def sinkhorn_loss(
 
     # Rows carry gradients, columns are detached: autograd then yields the envelope-theorem
     # gradients a_i * grad F(x_i) from the final step alone.
-    xy, yx = backend.pair(x, y.detach(), cost), backend.pair(y, x.detach(), cost)
-    xx = backend.pair(x, x.detach(), cost) if debias else None
-    yy = backend.pair(y, y.detach(), cost) if debias else None
+    levels = None
+    if _is_multiscale(backend):
+        levels = _Multiscale(backend, x, a, y, b, cost, eps_list, debias, rho)
+    if levels is None:
+        xy, yx, xx, yy = _pairs(backend, x, y, cost, debias)
+        wa, wb, jump = a, b, None
+    elif levels.jump == 0:  # no coarse phase: every block at first, truncated from step 0 on
+        xy, yx, xx, yy = levels.full
+        wa, wb, jump = a, b, 0
+    else:  # the first steps run on the cluster centroids
+        xy, yx, xx, yy = levels.coarse_pairs()
+        wa, wb, jump = levels.rows.weights[None], levels.cols.weights[None], levels.jump
 
     with torch.no_grad():
-        a_log, b_log = log_weights(a), log_weights(b)
+        wa_log, wb_log = log_weights(wa), log_weights(wb)
         eps = eps_list[0]
         lam = damping(eps, rho)
-        g_ab, f_ba = lam * sm(eps, yx, a_log), lam * sm(eps, xy, b_log)
+        g_ab, f_ba = lam * sm(eps, yx, wa_log), lam * sm(eps, xy, wb_log)
         if debias:
-            f_aa, g_bb = lam * sm(eps, xx, a_log), lam * sm(eps, yy, b_log)
+            f_aa, g_bb = lam * sm(eps, xx, wa_log), lam * sm(eps, yy, wb_log)
+        else:
+            f_aa = g_bb = None
 
         # 1. The epsilon-scaling descent (symmetric, averaged updates).
-        for eps in eps_list:
+        for i, eps in enumerate(eps_list):
+            if jump and i == jump:  # from the clusters to the points: extrapolate the potentials
+                f_ba, g_ab, f_aa, g_bb = levels.refine(f_ba, g_ab, f_aa, g_bb, eps_list[i - 1])
+                wa, wb, wa_log, wb_log = a, b, log_weights(a), log_weights(b)
+            if levels is not None and i >= (jump or 0):  # keep the blocks that matter at eps
+                xy, yx, xx, yy = levels.truncate(f_ba, g_ab, f_aa, g_bb, eps)
             lam = damping(eps, rho)
-            ft_ba = lam * sm(eps, xy, b_log + g_ab / eps)
-            gt_ab = lam * sm(eps, yx, a_log + f_ba / eps)
-            errors = [err(f_ba, ft_ba, a, eps), err(g_ab, gt_ab, b, eps)]
+            ft_ba = lam * sm(eps, xy, wb_log + g_ab / eps)
+            gt_ab = lam * sm(eps, yx, wa_log + f_ba / eps)
+            errors = [err(f_ba, ft_ba, wa, eps), err(g_ab, gt_ab, wb, eps)]
             new = [(f_ba, 0.5 * (f_ba + ft_ba)), (g_ab, 0.5 * (g_ab + gt_ab))]
             if debias:
-                ft_aa = lam * sm(eps, xx, a_log + f_aa / eps)
-                gt_bb = lam * sm(eps, yy, b_log + g_bb / eps)
-                errors += [err(f_aa, ft_aa, a, eps), err(g_bb, gt_bb, b, eps)]
+                ft_aa = lam * sm(eps, xx, wa_log + f_aa / eps)
+                gt_bb = lam * sm(eps, yy, wb_log + g_bb / eps)
+                errors += [err(f_aa, ft_aa, wa, eps), err(g_bb, gt_bb, wb, eps)]
                 new += [(f_aa, 0.5 * (f_aa + ft_aa)), (g_bb, 0.5 * (g_bb + gt_bb))]
                 f_aa, g_bb = new[2][1], new[3][1]
             f_ba, g_ab = new[0][1], new[1][1]
-            log("schedule", eps, delta(*new), max(errors))
+            phase = "coarse" if jump is not None and i < jump else "schedule"
+            log(phase, eps, delta(*new), max(errors))
+        a_log, b_log = wa_log, wb_log
 
         # 2. Converge at the final epsilon. Over-relaxed alternating updates for (a, b):
         #    f <- f + w (T(g) - f), then g <- g + w (T(f) - g). Since T(g) is known when T(f)
         #    is computed, both marginal errors of the state (f, g) are measured exactly.
         eps, lam = eps_list[-1], damping(eps_list[-1], rho)
+        if levels is not None and tol < math.inf:  # the potentials have moved: truncate again
+            xy, yx, xx, yy = levels.truncate(f_ba, g_ab, f_aa, g_bb, eps)
 
         def symmetric_step(f, f_err, pair, w_log, w, changes):
             """One averaged update of a symmetric problem, skipped once it meets tol."""
@@ -273,7 +293,92 @@ def sinkhorn_loss(
         n_iter=n_iter,
         marginal_error=final_error,
         converged=final_error <= tol,
+        engine_info=None if levels is None else levels.info,
     )
+
+
+def _is_multiscale(backend: Backend) -> bool:
+    return bool(getattr(backend, "multiscale", False))
+
+
+def _pairs(backend, x, y, cost, debias, levels=None):
+    """The four pairs (xy, yx, xx, yy) of a problem; xx, yy are None when not debiased.
+
+    With ``levels`` (multiscale), rows and columns are sorted by their clusters.
+    """
+    if levels is None:
+        kw = [{}, {}, {}, {}]
+    else:
+        cx, cy = levels.rows, levels.cols
+        kw = [dict(rows=cx, cols=cy), dict(rows=cy, cols=cx), dict(rows=cx, cols=cx), dict(rows=cy, cols=cy)]
+    xy, yx = backend.pair(x, y.detach(), cost, **kw[0]), backend.pair(y, x.detach(), cost, **kw[1])
+    xx = backend.pair(x, x.detach(), cost, **kw[2]) if debias else None
+    yy = backend.pair(y, y.detach(), cost, **kw[3]) if debias else None
+    return xy, yx, xx, yy
+
+
+class _Multiscale:
+    r"""The coarse-to-fine protocol of the multiscale backend (engine/multiscale.py).
+
+    The schedule's first steps, while :math:`\varepsilon \ge \text{cluster\_scale}^p`, run on
+    the cluster centroids weighted by the clusters' masses. At the jump, the potentials are
+    extrapolated to the points by one softmin of the points against the centroids,
+    :math:`f(x_i) = \lambda\,\mathrm{Sm}_\varepsilon(\log B + g^c/\varepsilon)(x_i)` (and likewise
+    for g and the symmetric problems). From then on the points are used, and at each new
+    epsilon every pair keeps only the blocks that matter given the current potentials
+    (kernel truncation, ``MultiscaleBackend.truncated``).
+    """
+
+    def __init__(self, backend, x, a, y, b, cost, eps_list, debias, rho):
+        self.backend, self.x, self.y, self.cost = backend, x, y, cost
+        self.debias, self.rho = debias, rho
+        self.scale = backend.scale_for(x, y)
+        self.rows = backend.cluster(x, a, self.scale)
+        self.cols = backend.cluster(y, b, self.scale)
+        self.jump = backend.jump_index(eps_list, self.scale, cost.p)
+        # sorted copies of the points, made here (outside no_grad) so that the final step's
+        # rows carry gradients; truncated views of these pairs are made at each new eps
+        self.full = _pairs(backend, x, y, cost, debias, self)
+        self.info = {
+            "cluster_scale": self.scale,
+            "clusters": [self.rows.k, self.cols.k],
+            "jump_step": self.jump,
+            "jump_blur": eps_list[self.jump] ** (1.0 / cost.p),
+            "truncate": backend.sinkhorn_truncate(cost.p),
+            "pairs_kept_fraction": None,
+        }
+
+    def coarse_pairs(self):
+        xc, yc = self.rows.centroids[None], self.cols.centroids[None]
+        return _pairs(self.backend, xc, yc, self.cost, self.debias)
+
+    def truncate(self, f_ba, g_ab, f_aa, g_bb, eps):
+        """The four fine pairs, truncated for temperature ``eps`` and these potentials."""
+        xy, yx, xx, yy = self.full
+        t = self.backend.truncated
+        out = (t(xy, f_ba, g_ab, eps), t(yx, g_ab, f_ba, eps))
+        out += (t(xx, f_aa, f_aa, eps), t(yy, g_bb, g_bb, eps)) if self.debias else (None, None)
+        kept = {"xy": out[0].kept_fraction, "yx": out[1].kept_fraction}
+        if self.debias:
+            kept.update(xx=out[2].kept_fraction, yy=out[3].kept_fraction)
+        self.info["pairs_kept_fraction"] = kept
+        return out
+
+    def refine(self, f_ba, g_ab, f_aa, g_bb, eps):
+        """Potentials on the points from those on the centroids (computed at temperature ``eps``)."""
+        be, cx, cy = self.backend, self.rows, self.cols
+        lam = damping(eps, self.rho)
+        xc, yc = cx.centroids[None], cy.centroids[None]
+        ac_log, bc_log = log_weights(cx.weights[None]), log_weights(cy.weights[None])
+
+        def extend(points, centroids, w_log, h):
+            return lam * be.softmin(eps, be.pair(points, centroids, self.cost), w_log + h / eps)
+
+        f = extend(self.x, yc, bc_log, g_ab)
+        g = extend(self.y, xc, ac_log, f_ba)
+        if not self.debias:
+            return f, g, None, None
+        return f, g, extend(self.x, xc, ac_log, f_aa), extend(self.y, yc, bc_log, g_bb)
 
 
 def _dot(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

@@ -220,14 +220,17 @@ def test_probe_subprocess_outcomes(monkeypatch, code, reason):
 def test_auto_picks_online_for_large_problems():
     small = choose_backend("auto", n=4000, m=4000, dim=3, itemsize=4, memory_bytes=2**50)
     assert small.name == "tensorized"
-    # on the CPU the dense backend is faster while it fits; on a GPU, online above 5000^2
+    # on the CPU, multiscale takes one pair of 3-D clouds; online the rest (batches, D > 3)
     big_cpu = choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50)
-    assert big_cpu.name == "tensorized"
+    assert big_cpu.name == "multiscale"
+    for kw in (dict(dim=4), dict(dim=3, batch=2)):
+        big = choose_backend("auto", n=100_000, m=80_000, itemsize=4, memory_bytes=2**50, **kw)
+        assert big.name == "online" and big.fallback is None
     big = choose_backend(
         "auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50, device_type="cuda"
     )
-    assert big.name == "online" and "5000x5000" in big.reason
-    no_room = choose_backend("auto", n=4000, m=4000, dim=3, itemsize=4, memory_bytes=2**20)
+    assert big.name == "online" and "dense limit" in big.reason
+    no_room = choose_backend("auto", n=4000, m=4000, dim=5, itemsize=4, memory_bytes=2**20)
     assert no_room.name == "online" and "needs about" in no_room.reason
     assert choose_backend("online", n=10, m=10, dim=3, itemsize=4, memory_bytes=None).name == "online"
 
@@ -238,13 +241,14 @@ def test_unavailable_keops(monkeypatch):
         get_backend("online")
     with pytest.raises(BackendUnavailable, match="no compiler here"):
         choose_backend("online", n=10, m=10, dim=3, itemsize=4, memory_bytes=None)
-    # auto falls back to dense matrices when they fit, else says what to install
-    fallback = choose_backend(
-        "auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50, device_type="cuda"
-    )
-    assert fallback.name == "tensorized" and "no compiler here" in fallback.reason
+    # auto takes multiscale (3-D, one pair) or dense matrices (when they fit), and says so
+    gpu = dict(n=100_000, m=80_000, itemsize=4, memory_bytes=2**50, device_type="cuda")
+    fallback = choose_backend("auto", dim=3, **gpu)
+    assert fallback.name == "multiscale" and "no compiler here" in fallback.fallback
+    fallback = choose_backend("auto", dim=4, **gpu)
+    assert fallback.name == "tensorized" and "no compiler here" in fallback.fallback
     with pytest.raises(BackendUnavailable, match="pip install 'pykeops"):
-        choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**30)
+        choose_backend("auto", n=100_000, m=80_000, dim=4, itemsize=4, memory_bytes=2**30)
 
 
 def test_warmup_command_compiles_forward_and_backward_and_reports(tmp_path):
