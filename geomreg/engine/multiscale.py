@@ -260,59 +260,95 @@ def truncate_pair(
     """
     x, y, cols = pair.x.detach(), pair.y.detach(), pair.cols
     gs = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device) if g is None else g
-    g_cluster = _segment_max(gs, cols.starts)
-    kept = 0
-    tiles = []
-    for tile in pair.tiles:
-        xt = x[tile.r0 : tile.r1]
-        centre = xt.mean(0)
-        delta = xt - centre
-        radius = float(delta.norm(dim=1).max())
+    stats = _tile_stats(x, f, pair.tiles, quadratic)
+    # columns are screened by their own tiles (octree cells of <= TILE_ROWS points)
+    col_tiles = [Tile(r0, r1) for r0, r1 in cols.tiles]
+    col_stats = _tile_stats(y, None, col_tiles, False)
+    col_starts = _starts(torch.tensor([t.r1 - t.r0 for t in col_tiles], device=y.device))
+    g_unit = _segment_max(gs, col_starts)
+
+    def bound(t, w, spread, g_top):
+        """Upper bound of the scores of tiles ``t`` with columns at ``w`` (+- ``spread``)."""
+        top, radius = stats["top"][t], stats["radius"][t]
         if quadratic:
-            top, beta = _linear_fit(delta, f[tile.r0 : tile.r1])
+            z = (w + stats["beta"][t]).norm(dim=-1) + spread
+            psi = torch.where(z <= radius, z * z / 2, radius * z - radius * radius / 2)
+            near = (w.norm(dim=-1) - spread).clamp_min(0)
+            return top + psi + g_top - near * near / 2
+        return top + g_top - gap_cost((w.norm(dim=-1) - radius - spread).clamp_min(0))
 
-            def bound(w, spread, g_top, top=top, beta=beta, radius=radius):
-                z = (w + beta).norm(dim=1) + spread
-                psi = torch.where(z <= radius, z * z / 2, radius * z - radius * radius / 2)
-                near = (w.norm(dim=1) - spread).clamp_min(0)
-                return top + psi + g_top - near * near / 2
-
-        else:
-            top = 0.0 if f is None else float(f[tile.r0 : tile.r1].max())
-
-            def bound(w, spread, g_top, top=top, radius=radius):
-                return top + g_top - gap_cost((w.norm(dim=1) - radius - spread).clamp_min(0))
-
-        score = bound(cols.centroids - centre, cols.radii, g_cluster)
-        candidates = score >= floor
-        if not bool(candidates.any()):
-            candidates[score.argmax()] = True
-        lo = cols.starts[:-1][candidates]
-        counts = cols.starts[1:][candidates] - lo
-        total = int(counts.sum())
-        offsets = torch.cumsum(counts, 0) - counts
-        idx = torch.repeat_interleave(lo - offsets, counts, output_size=total)
-        idx += torch.arange(total, device=idx.device)
-        score = bound(y[idx] - centre, 0.0, gs[idx])
-        ok = score >= floor
-        if not bool(ok.any()):
-            ok[score.argmax()] = True
-        sel = idx[ok]
-        tiles.append(Tile(tile.r0, tile.r1, sel.to(torch.int32) if sel.numel() < y.shape[0] else None))
-        kept += (tile.r1 - tile.r0) * int(sel.numel())
+    # 1. screen (row tile, column tile) pairs, by chunks of row tiles to bound the memory
+    n_tiles, n_clusters = len(pair.tiles), len(col_tiles)
+    pairs_t, pairs_l = [], []
+    chunk = max(1, (1 << 22) // max(1, n_clusters))
+    for t0 in range(0, n_tiles, chunk):
+        t = torch.arange(t0, min(t0 + chunk, n_tiles), device=x.device)
+        w = col_stats["centre"][None, :, :] - stats["centre"][t][:, None, :]
+        score = bound(t[:, None], w, col_stats["radius"][None, :], g_unit[None, :])
+        keep = score >= floor
+        keep[torch.arange(len(t)), score.argmax(1)] = True  # every tile keeps a cluster
+        tt, ll = keep.nonzero(as_tuple=True)
+        pairs_t.append(t[tt])
+        pairs_l.append(ll)
+    tile_of, cluster_of = torch.cat(pairs_t), torch.cat(pairs_l)
+    # 2. expand to (tile, column) candidates and test each column with its own g_j
+    lo = col_starts[:-1][cluster_of]
+    counts = col_starts[1:][cluster_of] - lo
+    total = int(counts.sum())
+    offsets = torch.cumsum(counts, 0) - counts
+    col = torch.repeat_interleave(lo - offsets, counts, output_size=total)
+    col += torch.arange(total, device=col.device)
+    tile = torch.repeat_interleave(tile_of, counts, output_size=total)
+    score = bound(tile, y[col] - stats["centre"][tile], 0.0, gs[col])
+    ok = score >= floor
+    best = torch.full((n_tiles,), -math.inf, dtype=score.dtype, device=score.device)
+    best = best.scatter_reduce(0, tile, score, reduce="amax")
+    ok |= score == best[tile]  # every tile keeps its best column
+    tile, col = tile[ok], col[ok]
+    per_tile = torch.bincount(tile, minlength=n_tiles).tolist()
+    tiles, kept = [], 0
+    for t, sel in zip(pair.tiles, torch.split(col.to(torch.int32), per_tile), strict=True):
+        tiles.append(Tile(t.r0, t.r1, sel if sel.numel() < y.shape[0] else None))
+        kept += (t.r1 - t.r0) * sel.numel()
     return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept)
 
 
-def _linear_fit(delta: torch.Tensor, f: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Least-squares ``f ~ alpha + <beta, delta>``; returns ``(alpha + max residual, beta)``."""
-    design = torch.cat([torch.ones_like(delta[:, :1]), delta], dim=1)
-    if delta.shape[0] <= delta.shape[1]:  # too few points for a plane: constant model
-        coef = torch.zeros(design.shape[1], dtype=f.dtype, device=f.device)
-        coef[0] = f.max()
+def _tile_stats(x: torch.Tensor, f: torch.Tensor | None, tiles: list[Tile], quadratic: bool) -> dict:
+    r"""Per tile: centre, radius, and the potential's bound ``top`` (and slope ``beta``).
+
+    ``top`` is :math:`\max_t f` (0 without potentials), or with ``quadratic`` the offset
+    :math:`\alpha + \max_i r_i` of the least-squares plane :math:`f \approx \alpha +
+    \langle\beta, x - c\rangle` (a pseudo-inverse: flat or tiny tiles are fine).
+    """
+    sizes = torch.tensor([t.r1 - t.r0 for t in tiles], device=x.device)
+    n_tiles, dim = len(tiles), x.shape[1]
+    label = torch.repeat_interleave(torch.arange(n_tiles, device=x.device), sizes)
+    zeros = torch.zeros(n_tiles, dim, dtype=x.dtype, device=x.device)
+    centre = zeros.index_add(0, label, x) / sizes[:, None].to(x.dtype)
+    delta = x - centre[label]
+    radius = _segment_max(delta.norm(dim=1), _starts(sizes))
+    stats = {"centre": centre, "radius": radius}
+    if f is None:
+        stats["top"] = torch.zeros(n_tiles, dtype=x.dtype, device=x.device)
+    elif not quadratic:
+        stats["top"] = _segment_max(f, _starts(sizes))
     else:
-        coef = torch.linalg.lstsq(design, f[:, None]).solution[:, 0]
-    residual = f - design @ coef
-    return float(coef[0] + residual.max()), coef[1:]
+        design = torch.cat([torch.ones_like(delta[:, :1]), delta], dim=1)  # (N, 1 + D)
+        gram = torch.zeros(n_tiles, dim + 1, dim + 1, dtype=x.dtype, device=x.device)
+        gram = gram.index_add(0, label, design[:, :, None] * design[:, None, :])
+        rhs = torch.zeros(n_tiles, dim + 1, dtype=x.dtype, device=x.device)
+        rhs = rhs.index_add(0, label, design * f[:, None])
+        coef = (torch.linalg.pinv(gram) @ rhs[:, :, None])[:, :, 0]
+        residual = f - (design * coef[label]).sum(1)
+        stats["top"] = coef[:, 0] + _segment_max(residual, _starts(sizes))
+        stats["beta"] = coef[:, 1:]
+    return stats
+
+
+def _starts(sizes: torch.Tensor) -> torch.Tensor:
+    starts = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=sizes.device)
+    starts[1:] = torch.cumsum(sizes, 0)
+    return starts
 
 
 def _chunks(n: int) -> list[Tile]:
@@ -380,13 +416,14 @@ class MultiscaleBackend(Backend):
         :math:`e^{-\tau}` of the largest ones.
         """
         p = pair.fn.p
-        fs = f[0][pair.rows.perm].double()
-        gs = g[0][pair.cols.perm].double()
-        x, y = pair.x, pair.y
-        pair64 = BlockPair(x.double(), y.double(), pair.fn, pair.tiles, pair.rows, _double(pair.cols))
+        fs, gs = f[0][pair.rows.perm].detach(), g[0][pair.cols.perm].detach()
         gap_cost = (lambda d: d * d / 2) if p == 2 else (lambda d: d)
-        out = truncate_pair(pair64, gap_cost, fs, gs, -self.sinkhorn_truncate(p) * eps, quadratic=p == 2)
-        return BlockPair(x, y, pair.fn, out.tiles, pair.rows, pair.cols, out.kept_pairs)
+        # the bounds are evaluated in the working precision: widen the margin by its rounding
+        both = torch.cat([pair.x.detach(), pair.y.detach()])
+        diameter = float((both.max(0).values - both.min(0).values).norm())
+        margin = 100 * torch.finfo(fs.dtype).eps * (float(fs.abs().max() + gs.abs().max()) + diameter**2)
+        floor = -self.sinkhorn_truncate(p) * eps - margin
+        return truncate_pair(pair, gap_cost, fs, gs, floor, quadratic=p == 2)
 
     # -- the engine contract ---------------------------------------------------------------
 
@@ -460,12 +497,6 @@ class MultiscaleBackend(Backend):
         if pair.row_inverse is not None:
             out = out[pair.row_inverse]
         return out[None]
-
-
-def _double(c: Clusters) -> Clusters:
-    """The same clusters with float64 geometry (for truncation bounds)."""
-    geometry = (c.centroids.double(), c.weights.double(), c.radii.double())
-    return Clusters(c.perm, c.inverse, c.starts, *geometry, c.scale, c.tiles)
 
 
 def _check_single(x: torch.Tensor) -> None:
