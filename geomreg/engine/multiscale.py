@@ -136,8 +136,7 @@ def grid_clusters(points: torch.Tensor, weights: torch.Tensor, scale: float) -> 
         inverse[perm] = torch.arange(n, device=perm.device)
         _, counts = torch.unique_consecutive(codes[perm] >> (dim * _SUB_BITS), return_counts=True)
         k = counts.shape[0]
-        starts = torch.zeros(k + 1, dtype=torch.int64, device=pts.device)
-        starts[1:] = torch.cumsum(counts, 0)
+        starts = _starts(counts)
         labels = torch.repeat_interleave(torch.arange(k, device=pts.device), counts)
         ps, ws = pts[perm], w[perm]
         wsum = torch.zeros(k, dtype=pts.dtype, device=pts.device).index_add_(0, labels, ws)
@@ -254,9 +253,10 @@ def truncate_pair(
       :math:`\psi_R` is small exactly for the columns that matter: this bound keeps about
       half as many pairs as the generic one on shifted clouds.
 
-    A column is dropped only if no pair of the tile with it reaches ``floor``. Column
-    clusters are screened first with the same bounds over the cluster's ball, then their
-    points one by one. Every tile keeps at least its best column.
+    A column is dropped only if no pair of the tile with it reaches ``floor``. The columns'
+    own tiles (octree cells) are screened first with the same bounds over each cell's ball,
+    then the points of the cells that pass, one by one. Every tile keeps at least its best
+    column.
     """
     x, y, cols = pair.x.detach(), pair.y.detach(), pair.cols
     gs = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device) if g is None else g
