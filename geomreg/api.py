@@ -17,7 +17,7 @@ import torch
 
 from . import defaults
 from ._version import __version__
-from .engine import choose_backend, get_backend
+from .engine import BackendChoice, choose_backend, get_backend
 from .errors import BackendUnavailable, InputError, ParameterError
 from .losses import hausdorff_loss, kernel_loss, sinkhorn_loss
 from .measure import Measure
@@ -52,6 +52,7 @@ def divergence(
     cost: str | None = None,
     truncate: float | None = None,
     cluster_scale: float | None = None,
+    field: bool = False,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
 
@@ -72,7 +73,10 @@ def divergence(
         tol: stop when every marginal error is <= tol; ``math.inf`` runs GeomLoss's
             schedule exactly and nothing more.
         max_iter: most Sinkhorn iterations, schedule steps included.
-        backend: ``"auto"`` or a registered backend name.
+        backend: ``"auto"`` or a registered backend name. ``auto`` takes ``grid`` when both
+            inputs are density images (or both volumes) read with their grid, for sinkhorn
+            with p = 2 and for gaussian; the values and potentials then live on every pixel
+            of each grid, zero-mass pixels included.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` (or ``"cuda:1"``); default: the device of
             tensor inputs, else auto (CUDA when torch sees a GPU).
         dtype: ``"float32"`` or ``"float64"``; default: that of float tensor inputs, else
@@ -90,6 +94,10 @@ def divergence(
             kernel is below ``exp(-truncate)`` (gaussian, laplacian; default 25).
         cluster_scale: multiscale backend: side of the grid cells that form the clusters;
             default diameter / (sqrt(D) * 2000 ** (1/D)).
+        field: sinkhorn: also return the displacement field ``(N, D)`` of the source points
+            (``result.field``): the barycentre of each point's row of the transport plan
+            minus, when debiased, that of the plan from the source to itself (minus the
+            point itself otherwise). Balanced, it equals :math:`-\nabla_{x_i} S / a_i`.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -104,8 +112,21 @@ def divergence(
                                                        max_iter, diameter)
     dev = _resolve_device(device, x, y)
     dt = _resolve_dtype(dtype, x, y)
-    xs, a_t, x_name = _as_tensors(x, a, "x", dev, dt)
-    ys, b_t, y_name = _as_tensors(y, b, "y", dev, dt)
+    if field and loss != "sinkhorn":
+        raise ParameterError("--field", f"needs loss sinkhorn, not {loss}")
+    grid_problem = _grid_problem(x, y, loss, p, cost)
+    use_grid = backend == "grid" or (backend == "auto" and grid_problem is None)
+    if backend == "grid" and grid_problem is not None:
+        raise ParameterError("--backend", f"grid: {grid_problem}")
+    layouts = None
+    if use_grid:  # every pixel of each grid becomes a node (zero-mass pixels included)
+        (xs, a_t, x_name, lay_a), (ys, b_t, y_name, lay_b) = (
+            _grid_tensors(x, a, dev, dt), _grid_tensors(y, b, dev, dt))
+        layouts = (lay_a, lay_b)
+        support = [x.points, y.points]  # the pixels with mass, for the default diameter
+    else:
+        xs, a_t, x_name = _as_tensors(x, a, "x", dev, dt)
+        ys, b_t, y_name = _as_tensors(y, b, "y", dev, dt)
     batched = xs.dim() == 3
     if not batched:
         xs, a_t, ys, b_t = xs[None], a_t[None], ys[None], b_t[None]
@@ -125,14 +146,18 @@ def divergence(
             )
 
     # Translation-invariant losses: centre once, for float32 accuracy far from the origin.
-    with torch.no_grad():
-        lo = torch.minimum(xs.reshape(-1, xs.shape[-1]).min(0).values,
-                           ys.reshape(-1, ys.shape[-1]).min(0).values)
-        hi = torch.maximum(xs.reshape(-1, xs.shape[-1]).max(0).values,
-                           ys.reshape(-1, ys.shape[-1]).max(0).values)
-        centre = (lo + hi) / 2
-        bbox_diameter = float((hi - lo).norm())
-    xs, ys = xs - centre, ys - centre
+    if layouts is not None:  # grids stay where they are ([0, 1]^D already)
+        pts = np.concatenate(support)
+        bbox_diameter = float(np.linalg.norm(pts.max(0) - pts.min(0)))
+    else:
+        with torch.no_grad():
+            lo = torch.minimum(xs.reshape(-1, xs.shape[-1]).min(0).values,
+                               ys.reshape(-1, ys.shape[-1]).min(0).values)
+            hi = torch.maximum(xs.reshape(-1, xs.shape[-1]).max(0).values,
+                               ys.reshape(-1, ys.shape[-1]).max(0).values)
+            centre = (lo + hi) / 2
+            bbox_diameter = float((hi - lo).norm())
+        xs, ys = xs - centre, ys - centre
 
     if cost is not None:
         if loss not in ("sinkhorn", "hausdorff"):
@@ -142,14 +167,19 @@ def divergence(
         if backend == "tensorized":
             raise ParameterError("--cost", "a KeOps formula needs --backend online (or auto)")
         backend = "online"
-    choice = choose_backend(
-        backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
-        itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
-        device_type=xs.device.type, batch=xs.shape[0],
-    )
+    if layouts is not None:
+        why = "requested" if backend == "grid" else "both inputs are density grids (images or volumes)"
+        choice = BackendChoice("grid", why)
+    else:
+        choice = choose_backend(
+            backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
+            itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
+            device_type=xs.device.type, batch=xs.shape[0],
+        )
     if choice.name != "multiscale" and backend == "auto":
         truncate = cluster_scale = None  # knobs of a backend that auto did not pick
-    engine = get_backend(choice.name, truncate=truncate, cluster_scale=cluster_scale)
+    engine = get_backend(choice.name, truncate=truncate, cluster_scale=cluster_scale,
+                         layouts=layouts)
 
     # Every key is always present (None where it does not apply): one result shape.
     params: dict[str, Any] = dict.fromkeys(
@@ -169,7 +199,7 @@ def divergence(
         schedule = EpsilonSchedule(p, d, blur, scaling)
         out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
                             debias=debias, tol=tol, max_iter=max_iter, on_step=on_step,
-                            cost_formula=cost)
+                            cost_formula=cost, field=field)
         params.update(p=p, blur=blur, eps=schedule.eps, reach=reach,
                       rho=None if reach is None else reach**p, diameter=d, scaling=scaling,
                       debias=debias, tol=tol, max_iter=max_iter)
@@ -182,6 +212,9 @@ def divergence(
     elapsed = _now(xs.device) - t0
 
     value = out.values if batched else out.values[0]
+    disp = None
+    if out.field is not None:
+        disp = out.field if batched else out.field[0]
     pots = None
     if potentials:
         f, g = out.potentials
@@ -204,8 +237,10 @@ def divergence(
         potentials=pots,
         time_s=elapsed,
         versions=versions(),
-        multiscale=out.engine_info,
+        multiscale=out.engine_info if choice.name == "multiscale" else None,
+        grid=out.engine_info if choice.name == "grid" else None,
         backend_fallback=choice.fallback,
+        field=disp,
     )
 
 
@@ -287,6 +322,39 @@ def _as_tensors(x, w, name, dev, dt):
         if not (wd.sum(-1) > 0).all():
             raise InputError(name, "all weights are zero; a measure needs positive total mass")
     return pts, wt, name
+
+
+def _grid_problem(x, y, loss, p, cost) -> str | None:
+    """Why the grid backend cannot take this problem, or None when it can."""
+    gx = x.grid if isinstance(x, Measure) else None
+    gy = y.grid if isinstance(y, Measure) else None
+    if gx is None or gy is None:
+        return "needs two density images or volumes (.png, rank-3 .npy, or .npy with --as-image)"
+    if len(gx.shape) != len(gy.shape):
+        return f"a {len(gx.shape)}-D grid and a {len(gy.shape)}-D grid cannot be compared"
+    if loss not in ("sinkhorn", "gaussian"):
+        return f"computes sinkhorn and gaussian, not {loss}; the point backends compute it"
+    if cost is not None:
+        return "a KeOps formula cost needs the online backend"
+    if loss == "sinkhorn" and p != 2:
+        return ("the cost |x-y| (p = 1) does not separate over the axes (its separable form "
+                "would be the L1 cost); use p = 2 or a point backend")
+    return None
+
+
+def _grid_tensors(m: Measure, w, dev, dt):
+    """Nodes ``(H*W, D)``, weights ``(H*W,)`` (zeros off the support), name and layout."""
+    from .engine.grid import image_layout
+
+    g = m.grid
+    layout = image_layout(g.shape, g.spacing, g.dims, dtype=dt, device=dev)
+    weights = m.weights if w is None else np.asarray(
+        w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64).reshape(-1)
+    if weights.shape[0] != m.n:
+        raise InputError(m.source, f"expected {m.n} weights (one per pixel with mass), "
+                         f"found {weights.shape[0]}")
+    full = torch.as_tensor(g.full(weights), device=dev, dtype=dt)
+    return layout.points(), full, m.source, layout
 
 
 def _check_pair(xs, ys, x_name, y_name):

@@ -23,11 +23,34 @@ class Grid:
         spacing: the side of one (square) pixel; the longer image side spans [0, 1].
         mask: flat indices (row-major, rows flipped so that +y is up) of the pixels kept
             as points, i.e. those with positive mass.
+        dims: the point coordinate carried by each array axis: ``(1, 0)`` for images (rows
+            carry y, columns x), ``(0, 1, 2)`` for volumes (axis k carries coordinate k).
     """
 
     shape: tuple[int, ...]
     spacing: float
     mask: np.ndarray = field(repr=False)
+    dims: tuple[int, ...] = (1, 0)
+
+    @property
+    def size(self) -> int:
+        """Number of pixels (voxels), with or without mass."""
+        return int(np.prod(self.shape))
+
+    def full(self, values: np.ndarray) -> np.ndarray:
+        """Values on the kept pixels, scattered onto the whole grid (zeros elsewhere), flat."""
+        out = np.zeros(self.size, dtype=np.asarray(values).dtype)
+        out[self.mask] = values
+        return out
+
+    def to_array(self, flat: np.ndarray) -> np.ndarray:
+        """A flat per-pixel array shaped like the input file.
+
+        Images get their rows back in file order (top row first); volumes are returned as
+        they are. Trailing axes (e.g. the 2 components of a field) are kept.
+        """
+        arr = np.asarray(flat).reshape(*self.shape, *np.asarray(flat).shape[1:])
+        return arr[::-1] if len(self.shape) == 2 else arr
 
 
 @dataclass(frozen=True)

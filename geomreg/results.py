@@ -52,7 +52,8 @@ class LossOutput:
         marginal_error: final marginal error, or None for closed-form losses.
         converged: whether the stopping rule was met (always True for closed forms).
         engine_info: what the backend reports about its work (multiscale: clusters, jump,
-            blocks kept), or None.
+            blocks kept; grid: pyramid levels), or None.
+        field: ``(B, N, D)`` displacement field of the source points, when asked for.
     """
 
     values: Any
@@ -62,6 +63,7 @@ class LossOutput:
     marginal_error: float | None = None
     converged: bool = True
     engine_info: dict[str, Any] | None = None
+    field: Any = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class DivergenceResult:
             it jumps to the points, fractions of blocks and pairs kept), else None.
         backend_fallback: set when ``auto`` could not use the backend it preferred (KeOps
             cannot compile here) and took another; the command line prints it on stderr.
+        grid: the grid backend's report (pyramid levels used, the steps where it moves to a
+            finer level), else None.
+        field: the displacement field ``(N, D)`` of the source points when asked for
+            (``field=True``), else None; not in ``to_dict``.
     """
 
     value: Any
@@ -108,6 +114,8 @@ class DivergenceResult:
     versions: dict[str, str]
     multiscale: dict[str, Any] | None = None
     backend_fallback: str | None = None
+    grid: dict[str, Any] | None = None
+    field: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view: numbers, strings, lists (potentials are left out)."""
@@ -130,5 +138,6 @@ class DivergenceResult:
             "time_s": self.time_s,
             "versions": self.versions,
             "multiscale": self.multiscale,
+            "grid": self.grid,
             "backend_fallback": self.backend_fallback,
         }

@@ -258,8 +258,8 @@ def _bad_truncated_npy(d, c):
     return [d / "cut.npy", c["b"]], str(d / "cut.npy")
 
 
-def _bad_rank3(d, c):
-    return [_npy(d, "rank3.npy", np.ones((2, 3, 4))), c["b"]], str(d / "rank3.npy")
+def _bad_rank4(d, c):
+    return [_npy(d, "rank4.npy", np.ones((2, 3, 4, 2))), c["b"]], str(d / "rank4.npy")
 
 
 def _bad_rank0(d, c):

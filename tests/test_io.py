@@ -389,9 +389,21 @@ def _bad_files(tmp: Path):
         return p
 
     @case
-    def rank3_npy():
-        p = tmp / "r3.npy"
+    def rank4_npy():
+        p = tmp / "r4.npy"
+        np.save(p, np.ones((2, 2, 2, 2)))
+        return p
+
+    @case
+    def empty_volume_npy():
+        p = tmp / "v0.npy"
         np.save(p, np.zeros((2, 2, 2)))
+        return p
+
+    @case
+    def negative_volume_npy():
+        p = tmp / "vneg.npy"
+        np.save(p, -np.ones((2, 2, 2)))
         return p
 
     @case
@@ -628,7 +640,9 @@ def test_bad_input_raises_input_error(tmp_path, name):
         ("unknown_suffix", ".ply"),
         ("empty.ply", "empty file"),
         ("pickled_object_npy", "pickle"),
-        ("rank3_npy", "expected an (N, D) array, found shape (2, 2, 2)"),
+        ("rank4_npy", "expected an (N, D) array (or a rank-3 density volume), found shape (2, 2, 2, 2)"),
+        ("empty_volume_npy", "volume has no mass"),
+        ("negative_volume_npy", "negative density -1"),
         ("truncated_binary_ply", "could not parse as PLY (corrupt or truncated?)"),
         ("ragged_txt", "line 3"),
         ("non_utf8_txt", "UTF-8"),

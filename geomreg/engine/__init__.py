@@ -6,8 +6,10 @@ recorded in every result. A new backend is one new module plus one line in ``_RE
 
 Backends: ``tensorized`` (dense torch matrices, memory N x M), ``online`` (KeOps
 reductions, memory N + M; needs pykeops and a C++ compiler, compiles each new formula once)
-and ``multiscale`` (grid clusters, coarse-to-fine Sinkhorn and block-sparse torch
-reductions, memory N + M; one pair of clouds at a time, D <= 3).
+``multiscale`` (grid clusters, coarse-to-fine Sinkhorn and block-sparse torch
+reductions, memory N + M; one pair of clouds at a time, D <= 3) and ``grid`` (density
+images and volumes: separable log-domain convolutions on image pyramids; chosen in
+``api.divergence`` when both inputs are grids, since points alone do not say so).
 """
 
 from __future__ import annotations
@@ -50,15 +52,22 @@ def _multiscale(truncate: float | None = None, cluster_scale: float | None = Non
     return MultiscaleBackend(truncate=truncate, cluster_scale=cluster_scale)
 
 
+def _grid(layouts=None) -> Backend:
+    from .grid import GridBackend
+
+    return GridBackend(layouts or ())
+
+
 #: name -> factory; factories import their module lazily (torch, pykeops only when needed).
 _REGISTRY: dict[str, Callable[..., Backend]] = {
     "tensorized": _tensorized,
     "online": _online,
     "multiscale": _multiscale,
+    "grid": _grid,
 }
 
 #: backends that take options (``--truncate``, ``--cluster-scale``)
-_OPTIONS = {"multiscale": ("truncate", "cluster_scale")}
+_OPTIONS = {"multiscale": ("truncate", "cluster_scale"), "grid": ("layouts",)}
 
 #: Dense matrices the losses hold at once: Sinkhorn keeps C_xy, C_yx, C_xx, C_yy.
 _DENSE_MATRICES = 4
@@ -93,7 +102,7 @@ def get_backend(name: str, **options: float | None) -> Backend:
         )
     accepted = _OPTIONS.get(name, ())
     for key, value in options.items():
-        if value is not None and key not in accepted:
+        if value is not None and key not in accepted and key != "layouts":
             flag = "--" + key.replace("_", "-")
             raise ParameterError(flag, f"applies to the multiscale backend only, not {name}")
     return _REGISTRY[name](**{k: v for k, v in options.items() if k in accepted})

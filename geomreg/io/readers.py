@@ -60,6 +60,7 @@ def read_measure(
     weights: str | os.PathLike | None = None,
     weight_property: str | None = None,
     mass: str = "dark",
+    as_image: bool = False,
 ) -> Measure:
     """Read a point cloud, an array or a density image as a weighted point cloud.
 
@@ -84,6 +85,13 @@ def read_measure(
             as weights; ``.ply`` files only.
         mass: ``"dark"`` (dark pixels carry mass, the default) or ``"bright"``; used for
             images only.
+        as_image: read a rank-2 ``.npy`` array as a density image (rows like an image file's:
+            the first row is the top) instead of as an (N, D) point cloud.
+
+    Arrays of rank 3 in ``.npy`` files are density volumes: voxel ``(i, j, k)`` sits at
+    ``((i + 0.5) s, (j + 0.5) s, (k + 0.5) s)`` with ``s = 1 / max(shape)`` and weighs
+    ``value * s**3``. Density arrays (volumes, ``as_image``) hold non-negative values, used
+    as they are (no scaling, no ``mass`` convention).
 
     Returns:
         The measure, with ``source`` set to ``str(path)``.
@@ -115,7 +123,11 @@ def read_measure(
     prop_weights = None
     try:
         if suffix == ".npy":
-            points = _read_npy_points(path)
+            arr = _load_npy(path)
+            if arr.ndim == 3 or (as_image and arr.ndim == 2):
+                points, prop_weights, grid = _density_grid(arr, where)
+            else:
+                points = _npy_points(arr, path)
         elif suffix == ".ply":
             points, prop_weights = _read_ply(path, size, weight_property)
         elif suffix == ".pcd":
@@ -267,13 +279,51 @@ def _load_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def _read_npy_points(path: Path) -> np.ndarray:
-    arr = _load_npy(path)
+def _npy_points(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim == 1:
         return arr[:, None]
     if arr.ndim != 2:
-        raise InputError(str(path), f"expected an (N, D) array, found shape {arr.shape}")
+        raise InputError(str(path), f"expected an (N, D) array (or a rank-3 density volume), "
+                         f"found shape {arr.shape}")
     return arr
+
+
+def _density_grid(arr: np.ndarray, where: str):
+    """A density array (rank 2 as an image, rank 3 as a volume) as points, weights, grid."""
+    density = np.asarray(arr, dtype=np.float64)
+    if density.size == 0:
+        raise InputError(where, f"empty density array of shape {arr.shape}")
+    if not np.isfinite(density).all():
+        raise InputError(where, "non-finite density value (NaN or inf)")
+    if (density < 0).any():
+        raise InputError(where, f"negative density {density.min():g}; densities must be >= 0")
+    if density.ndim == 2:
+        return _pixels(density[::-1], where, "array")
+    spacing = 1.0 / max(density.shape)
+    flat = density.reshape(-1)
+    mask = np.flatnonzero(flat > 0)
+    if mask.size == 0:
+        raise InputError(where, "volume has no mass (every voxel is 0)")
+    idx = np.stack(np.unravel_index(mask, density.shape), axis=1)
+    points = (idx + 0.5) * spacing
+    grid = Grid(shape=tuple(density.shape), spacing=spacing, mask=mask, dims=(0, 1, 2))
+    return points, flat[mask] * spacing**3, grid
+
+
+def _pixels(density: np.ndarray, where: str, mode: str):
+    """Points, weights and grid of an image density whose row 0 is the bottom row."""
+    h, w = density.shape
+    spacing = 1.0 / max(h, w)
+    flat = density.reshape(-1)
+    mask = np.flatnonzero(flat > 0)
+    if mask.size == 0:
+        if mode == "array":
+            raise InputError(where, "density array has no mass (every value is 0)")
+        raise InputError(where, f"image has no mass (every pixel is background for --mass {mode})")
+    rows, cols = np.divmod(mask, w)
+    points = np.stack([(cols + 0.5) * spacing, (rows + 0.5) * spacing], axis=1)
+    grid = Grid(shape=(h, w), spacing=spacing, mask=mask)
+    return points, flat[mask] * spacing**2, grid
 
 
 # ----- open3d (PLY, PCD)
@@ -703,17 +753,7 @@ def _read_image(path: Path, suffix: str, mass: str):
     else:
         density = gray if alpha is None else alpha * gray
     density = np.clip(density, 0.0, 1.0)[::-1]  # row 0 is now the bottom row: +y up
-    h, w = density.shape
-    spacing = 1.0 / max(h, w)
-    flat = density.reshape(-1)
-    mask = np.flatnonzero(flat > 0)
-    if mask.size == 0:
-        raise InputError(where, f"image has no mass (every pixel is background for --mass {mass})")
-    rows, cols = np.divmod(mask, w)
-    points = np.stack([(cols + 0.5) * spacing, (rows + 0.5) * spacing], axis=1)
-    weights = flat[mask] * spacing**2
-    grid = Grid(shape=(h, w), spacing=spacing, mask=mask)
-    return points, weights, grid
+    return _pixels(density, where, mass)
 
 
 def _scale(values: np.ndarray) -> np.ndarray:

@@ -132,6 +132,7 @@ def sinkhorn_loss(
     max_iter: int,
     on_step: Callable[[StepLog], None] | None = None,
     cost_formula: str | None = None,
+    field: bool = False,
 ) -> LossOutput:
     r"""Sinkhorn divergence :math:`S_\varepsilon(\alpha, \beta)` (or :math:`OT_\varepsilon` if not debiased).
 
@@ -149,6 +150,9 @@ def sinkhorn_loss(
             (at least ``len(schedule) + 1``).
         on_step: called with each :class:`StepLog` as soon as the step is done.
         cost_formula: a KeOps formula in X and Y replacing the cost (online backend only).
+        field: also return the displacement field of the source points (``LossOutput.field``):
+            barycentre of the plan (a, b) minus that of the plan (a, a) (debiased), or minus
+            the points (not debiased).
 
     Returns:
         values ``(B,)`` differentiable with respect to x, y, a, b; potentials (F, G).
@@ -176,18 +180,14 @@ def sinkhorn_loss(
 
     # Rows carry gradients, columns are detached: autograd then yields the envelope-theorem
     # gradients a_i * grad F(x_i) from the final step alone.
-    levels = None
-    if _is_multiscale(backend):
-        levels = _Multiscale(backend, x, a, y, b, cost, eps_list, debias, rho)
+    levels = _levels_for(backend, x, a, y, b, cost, eps_list, debias, rho)
     if levels is None:
         xy, yx, xx, yy = _pairs(backend, x, y, cost, debias)
-        wa, wb, jump = a, b, None
-    elif levels.jump == 0:  # no coarse phase: every block at first, truncated from step 0 on
-        xy, yx, xx, yy = levels.full
-        wa, wb, jump = a, b, 0
-    else:  # the first steps run on the cluster centroids
-        xy, yx, xx, yy = levels.coarse_pairs()
-        wa, wb, jump = levels.rows.weights[None], levels.cols.weights[None], levels.jump
+        wa, wb, level = a, b, None
+    else:  # coarse-to-fine: the first steps may run on a coarser level
+        level = levels.level_at(0)
+        xy, yx, xx, yy = levels.pairs(level)
+        wa, wb = levels.weights(level)
 
     with torch.no_grad():
         wa_log, wb_log = log_weights(wa), log_weights(wb)
@@ -201,13 +201,19 @@ def sinkhorn_loss(
 
         # 1. The epsilon-scaling descent (symmetric, averaged updates).
         for i, eps in enumerate(eps_list):
-            if jump and i == jump:  # from the clusters to the points: extrapolate the potentials
-                f_ba, g_ab, f_aa, g_bb = levels.refine(f_ba, g_ab, f_aa, g_bb, eps_list[i - 1])
-                wa, wb, wa_log, wb_log = a, b, log_weights(a), log_weights(b)
-            if jump is not None and i >= jump:  # keep the blocks that matter at this eps
-                # (a mask from a larger eps stays valid, only looser; measured on 100k points,
-                # re-truncating pays: 25% of the pairs kept at the jump, 10% one step later)
-                xy, yx, xx, yy = levels.truncate(f_ba, g_ab, f_aa, g_bb, eps)
+            if levels is not None:
+                new_level = levels.level_at(i)
+                if new_level != level:  # a finer level: extrapolate the potentials to it
+                    f_ba, g_ab, f_aa, g_bb = levels.refine(level, new_level, f_ba, g_ab, f_aa,
+                                                           g_bb, eps_list[i - 1])
+                    level = new_level
+                    xy, yx, xx, yy = levels.pairs(level)
+                    wa, wb = levels.weights(level)
+                    wa_log, wb_log = log_weights(wa), log_weights(wb)
+                # multiscale: keep the blocks that matter at this eps (a mask from a larger eps
+                # stays valid, only looser; measured on 100k points, re-truncating pays: 25% of
+                # the pairs kept at the jump, 10% one step later)
+                xy, yx, xx, yy = levels.truncate(level, (xy, yx, xx, yy), f_ba, g_ab, f_aa, g_bb, eps)
             lam = damping(eps, rho)
             ft_ba = lam * sm(eps, xy, wb_log + g_ab / eps)
             gt_ab = lam * sm(eps, yx, wa_log + f_ba / eps)
@@ -220,7 +226,7 @@ def sinkhorn_loss(
                 new += [(f_aa, 0.5 * (f_aa + ft_aa)), (g_bb, 0.5 * (g_bb + gt_bb))]
                 f_aa, g_bb = new[2][1], new[3][1]
             f_ba, g_ab = new[0][1], new[1][1]
-            phase = "coarse" if jump is not None and i < jump else "schedule"
+            phase = "coarse" if levels is not None and level != levels.finest else "schedule"
             log(phase, eps, delta(*new), max(errors))
         a_log, b_log = wa_log, wb_log
 
@@ -229,7 +235,7 @@ def sinkhorn_loss(
         #    is computed, both marginal errors of the state (f, g) are measured exactly.
         eps, lam = eps_list[-1], damping(eps_list[-1], rho)
         if levels is not None and tol < math.inf:  # the potentials have moved: truncate again
-            xy, yx, xx, yy = levels.truncate(f_ba, g_ab, f_aa, g_bb, eps)
+            xy, yx, xx, yy = levels.truncate(level, (xy, yx, xx, yy), f_ba, g_ab, f_aa, g_bb, eps)
 
         def symmetric_step(f, f_err, pair, w_log, w, changes):
             """One averaged update of a symmetric problem, skipped once it meets tol."""
@@ -281,6 +287,12 @@ def sinkhorn_loss(
     log("final", eps, delta(*changes), final_error)
     n_iter += 1
 
+    disp = None
+    if field:
+        with torch.no_grad():
+            disp = _barycentres(sm, eps, xy, b_log + g_ab / eps, y)
+            disp = disp - (_barycentres(sm, eps, xx, a_log + f_aa / eps, x) if debias else x)
+
     f_aa_final = f_aa_final if debias else None
     g_bb_final = g_bb_final if debias else None
     values = _sinkhorn_value(a, b, f_ba_final, g_ab_final, f_aa_final, g_bb_final, eps, rho)
@@ -296,11 +308,44 @@ def sinkhorn_loss(
         marginal_error=final_error,
         converged=final_error <= tol,
         engine_info=None if levels is None else levels.info,
+        field=None if disp is None else disp.detach(),
     )
 
 
-def _is_multiscale(backend: Backend) -> bool:
-    return bool(getattr(backend, "multiscale", False))
+def _barycentres(sm, eps: float, pair, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""``(B, N, D)``: row barycentres :math:`\sum_j \pi_{ij} y_j / \sum_j \pi_{ij}` of the plan.
+
+    Here :math:`\pi_{ij} = e^{h_j - C_{ij}/\varepsilon}`.
+
+    Each coordinate is a ratio of two softmins: the numerator adds :math:`\log z_j` to h,
+    with z the coordinate shifted into [span, 2 span] (positive, so its log exists, and
+    away from 0, so nothing is lost to cancellation).
+    """
+    y = y.detach()
+    base = sm(eps, pair, h)
+    lo = y.amin(1)
+    span = (y.amax(1) - lo).clamp_min(1e-12)  # (B, D)
+    out = []
+    for d in range(y.shape[-1]):
+        z = y[..., d] - lo[:, d : d + 1] + span[:, d : d + 1]
+        num = sm(eps, pair, h + z.log())
+        out.append(torch.exp((base - num) / eps) + (lo[:, d : d + 1] - span[:, d : d + 1]))
+    return torch.stack(out, dim=-1)
+
+
+def _levels_for(backend, x, a, y, b, cost, eps_list, debias, rho):
+    """The coarse-to-fine protocol of a backend that has one, else None.
+
+    A protocol object has ``level_at(i)`` (the level of schedule step i; the last step is
+    always on ``finest``), ``pairs(level)`` and ``weights(level)``, ``refine(old, new, f_ba,
+    g_ab, f_aa, g_bb, eps)`` (potentials moved to a finer level), ``truncate(level, pairs,
+    f_ba, g_ab, f_aa, g_bb, eps)`` and an ``info`` dict for the result.
+    """
+    if getattr(backend, "multiscale", False):
+        return _Multiscale(backend, x, a, y, b, cost, eps_list, debias, rho)
+    if getattr(backend, "pyramid", False):
+        return _Pyramid(backend, x, a, y, b, cost, eps_list, debias, rho)
+    return None
 
 
 def _pairs(backend, x, y, cost, debias, levels=None):
@@ -319,21 +364,29 @@ def _pairs(backend, x, y, cost, debias, levels=None):
     return xy, yx, xx, yy
 
 
+def _extend(backend, rho, eps, pair, w_log, h):
+    """Potential on the rows of ``pair`` from ``h`` on its columns: one softmin (c-transform)."""
+    return damping(eps, rho) * backend.softmin(eps, pair, w_log + h / eps)
+
+
 class _Multiscale:
     r"""The coarse-to-fine protocol of the multiscale backend (engine/multiscale.py).
 
-    The schedule's first steps, while :math:`\varepsilon \ge \text{cluster\_scale}^p`, run on
-    the cluster centroids weighted by the clusters' masses. At the jump, the potentials are
-    extrapolated to the points by one softmin of the points against the centroids,
+    Two levels: 0, the cluster centroids weighted by the clusters' masses, for the
+    schedule's first steps while :math:`\varepsilon \ge \text{cluster\_scale}^p`; 1, the
+    points. At the jump, the potentials are extrapolated to the points by one softmin of the
+    points against the centroids,
     :math:`f(x_i) = \lambda\,\mathrm{Sm}_\varepsilon(\log B + g^c/\varepsilon)(x_i)` (and likewise
     for g and the symmetric problems). From then on the points are used, and at each new
     epsilon every pair keeps only the blocks that matter given the current potentials
     (kernel truncation, ``MultiscaleBackend.truncated``).
     """
 
+    finest = 1
+
     def __init__(self, backend, x, a, y, b, cost, eps_list, debias, rho):
-        self.backend, self.x, self.y, self.cost = backend, x, y, cost
-        self.debias, self.rho = debias, rho
+        self.backend, self.x, self.y, self.a, self.b = backend, x, y, a, b
+        self.cost, self.debias, self.rho = cost, debias, rho
         self.scale = backend.scale_for(x, y)
         self.rows = backend.cluster(x, a, self.scale)
         self.cols = backend.cluster(y, b, self.scale)
@@ -350,12 +403,24 @@ class _Multiscale:
             "pairs_kept_fraction": None,
         }
 
-    def coarse_pairs(self):
+    def level_at(self, i: int) -> int:
+        return 0 if i < self.jump else 1
+
+    def pairs(self, level):
+        if level == 1:  # every block: truncated right away by the loop
+            return self.full
         xc, yc = self.rows.centroids[None], self.cols.centroids[None]
         return _pairs(self.backend, xc, yc, self.cost, self.debias)
 
-    def truncate(self, f_ba, g_ab, f_aa, g_bb, eps):
+    def weights(self, level):
+        if level == 1:
+            return self.a, self.b
+        return self.rows.weights[None], self.cols.weights[None]
+
+    def truncate(self, level, pairs, f_ba, g_ab, f_aa, g_bb, eps):
         """The four fine pairs, truncated for temperature ``eps`` and these potentials."""
+        if level != 1:
+            return pairs
         xy, yx, xx, yy = self.full
         t = self.backend.truncated
         out = (t(xy, f_ba, g_ab, eps), t(yx, g_ab, f_ba, eps))
@@ -366,21 +431,96 @@ class _Multiscale:
         self.info["pairs_kept_fraction"] = kept
         return out
 
-    def refine(self, f_ba, g_ab, f_aa, g_bb, eps):
+    def refine(self, old, new, f_ba, g_ab, f_aa, g_bb, eps):
         """Potentials on the points from those on the centroids (computed at temperature ``eps``)."""
         be, cx, cy = self.backend, self.rows, self.cols
-        lam = damping(eps, self.rho)
         xc, yc = cx.centroids[None], cy.centroids[None]
         ac_log, bc_log = log_weights(cx.weights[None]), log_weights(cy.weights[None])
 
         def extend(points, centroids, w_log, h):
-            return lam * be.softmin(eps, be.pair(points, centroids, self.cost), w_log + h / eps)
+            return _extend(be, self.rho, eps, be.pair(points, centroids, self.cost), w_log, h)
 
         f = extend(self.x, yc, bc_log, g_ab)
         g = extend(self.y, xc, ac_log, f_ba)
         if not self.debias:
             return f, g, None, None
         return f, g, extend(self.x, xc, ac_log, f_aa), extend(self.y, yc, bc_log, g_bb)
+
+
+class _Pyramid:
+    r"""The coarse-to-fine protocol of the grid backend (engine/grid.py): image pyramids.
+
+    Each measure has its own pyramid (2 x 2 sum pooling down to one node); schedule step i
+    runs on the coarsest level of each pyramid whose cell is at most :math:`\sigma_i =
+    \varepsilon_i^{1/p}` (GeomLoss's rule), and always on the finest levels at the last step,
+    whatever the blur (GeomLoss's solver accepts only blurs between one and two pixels for
+    its levels to line up). A level is a pair (level of A, level of B). When it changes, the
+    potentials are carried over by one exact softmin of the new nodes against the old
+    potentials (a c-transform, not an interpolation), which works between any two grids.
+    """
+
+    finest = (0, 0)
+
+    def __init__(self, backend, x, a, y, b, cost, eps_list, debias, rho):
+        from ..engine.grid import pyramid
+
+        self.backend, self.cost, self.debias, self.rho = backend, cost, debias, rho
+        self.lx, self.ly = pyramid(backend.layout_of(x)), pyramid(backend.layout_of(y))
+        self.wx, self.wy = [a], [b]
+        for lay in self.lx[:-1]:
+            self.wx.append(lay.pool(self.wx[-1]))
+        for lay in self.ly[:-1]:
+            self.wy.append(lay.pool(self.wy[-1]))
+        sigmas = [e ** (1.0 / cost.p) for e in eps_list]
+        self.keys = [(_level(self.lx, s), _level(self.ly, s)) for s in sigmas[:-1]] + [self.finest]
+        jumps = [i for i in range(1, len(self.keys)) if self.keys[i] != self.keys[i - 1]]
+        self.info = {
+            "levels": [[list(self.lx[i].shape), list(self.ly[j].shape)] for i, j in
+                       dict.fromkeys(self.keys)],
+            "jump_steps": jumps,
+        }
+
+    def level_at(self, i: int):
+        return self.keys[i]
+
+    def pairs(self, level):
+        i, j = level
+        lx, ly, pair, cost = self.lx[i], self.ly[j], self.backend.pair, self.cost
+        xy, yx = pair(None, None, cost, rows=lx, cols=ly), pair(None, None, cost, rows=ly, cols=lx)
+        if not self.debias:
+            return xy, yx, None, None
+        return xy, yx, pair(None, None, cost, rows=lx, cols=lx), pair(None, None, cost, rows=ly, cols=ly)
+
+    def weights(self, level):
+        return self.wx[level[0]], self.wy[level[1]]
+
+    def truncate(self, level, pairs, *potentials):
+        return pairs
+
+    def refine(self, old, new, f_ba, g_ab, f_aa, g_bb, eps):
+        """Potentials on the nodes of level ``new`` from those on level ``old``."""
+        (i0, j0), (i1, j1) = old, new
+        be, cost = self.backend, self.cost
+        ax_log, by_log = log_weights(self.wx[i0]), log_weights(self.wy[j0])
+
+        def extend(rows, cols, w_log, h):
+            return _extend(be, self.rho, eps, be.pair(None, None, cost, rows=rows, cols=cols), w_log, h)
+
+        f = extend(self.lx[i1], self.ly[j0], by_log, g_ab)
+        g = extend(self.ly[j1], self.lx[i0], ax_log, f_ba)
+        if not self.debias:
+            return f, g, None, None
+        return (f, g, extend(self.lx[i1], self.lx[i0], ax_log, f_aa),
+                extend(self.ly[j1], self.ly[j0], by_log, g_bb))
+
+
+def _level(levels, sigma: float) -> int:
+    """Index of the coarsest level whose cell is at most ``sigma`` (0 if none is)."""
+    best = 0
+    for k, lay in enumerate(levels):
+        if lay.cell <= sigma:
+            best = k
+    return best
 
 
 def _dot(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
