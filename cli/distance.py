@@ -11,7 +11,15 @@ import typer
 from geomreg import defaults
 
 from .errors import EXIT_NOT_CONVERGED, handle_errors
-from .output import dumps, err_console, multiscale_summary, print_data, schedule_table, warn
+from .output import (
+    dumps,
+    err_console,
+    grid_summary,
+    multiscale_summary,
+    print_data,
+    schedule_table,
+    warn,
+)
 
 LOSS_HELP = (
     "sinkhorn (debiased entropic OT, S_eps), hausdorff, energy (half the energy distance), "
@@ -49,8 +57,10 @@ def distance(
     backend: Annotated[
         str,
         typer.Option(
-            help="auto, tensorized (dense), online (KeOps, linear memory) or multiscale "
-            "(clusters + truncation, one pair of clouds in D <= 3, linear memory)."
+            help="auto, tensorized (dense), online (KeOps, linear memory), multiscale "
+            "(clusters + truncation, one pair of clouds in D <= 3, linear memory) or grid "
+            "(two density images or volumes: separable convolutions on image pyramids; "
+            "auto's choice for them with sinkhorn p=2 and gaussian)."
         ),
     ] = "auto",
     truncate: Annotated[
@@ -72,6 +82,11 @@ def distance(
         str | None, typer.Option(help="Per-vertex PLY property used as weights of both A and B.")
     ] = None,
     mass: Annotated[str, typer.Option(help="Images: 'dark' (dark pixels carry mass) or 'bright'.")] = "dark",
+    as_image: Annotated[
+        bool,
+        typer.Option("--as-image", help="Read 2-D .npy arrays as density images (first row on top), "
+                     "not as (N, D) point clouds. Rank-3 .npy arrays are always density volumes."),
+    ] = False,
     keep_mass: Annotated[
         bool, typer.Option("--keep-mass", help="Do not normalise weights to mass 1 (for unbalanced OT).")
     ] = False,
@@ -82,7 +97,19 @@ def distance(
         Path | None, typer.Option(help="Write the eps-scaling log as JSON lines to this file.")
     ] = None,
     potentials: Annotated[
-        str | None, typer.Option(help="Write the dual potentials to PREFIX_a.npy and PREFIX_b.npy.")
+        str | None,
+        typer.Option(
+            help="Write the dual potentials to PREFIX_a.npy and PREFIX_b.npy: one value per point, "
+            "or per pixel shaped like the image (NaN off the support unless the grid backend "
+            "ran), with PREFIX_a.png / PREFIX_b.png heat maps for 2-D images."
+        ),
+    ] = None,
+    field: Annotated[
+        Path | None,
+        typer.Option(
+            help="sinkhorn: write the displacement field of A's points to this .npy: (N, D), or "
+            "(H, W, 2) for an image (components x right, y up; rows as in the file)."
+        ),
     ] = None,
     cost: Annotated[
         str | None,
@@ -99,21 +126,33 @@ def distance(
 
     Weights are normalised to total mass 1 unless --keep-mass. Images are density maps
     (dark is mass unless --mass bright) on square pixels, the longer side spanning [0, 1].
+    Two images (or two volumes) are solved on their pixel grids by the grid backend.
     """
     with handle_errors(debug):
         from geomreg.io import check_output, read_measure
         from geomreg.params import check_params
 
         check_params(loss, p, blur, reach, scaling, tol, max_iter, diameter)
+        if field is not None and loss != "sinkhorn":
+            from geomreg.errors import ParameterError
+
+            raise ParameterError("--field", f"needs --loss sinkhorn, not {loss}")
         inputs = [a, b] + [w for w in (weights_a, weights_b) if w is not None]
-        outputs = [log] if log is not None else []
+        outputs = [log, field]
         if potentials is not None:
             outputs += [Path(f"{potentials}_a.npy"), Path(f"{potentials}_b.npy")]
         for out in outputs:
-            check_output(out, protect=inputs)
+            if out is not None:
+                check_output(out, protect=inputs)
 
-        mu = read_measure(a, weights=weights_a, weight_property=weight_property, mass=mass)
-        nu = read_measure(b, weights=weights_b, weight_property=weight_property, mass=mass)
+        mu = read_measure(a, weights=weights_a, weight_property=weight_property, mass=mass,
+                          as_image=as_image)
+        nu = read_measure(b, weights=weights_b, weight_property=weight_property, mass=mass,
+                          as_image=as_image)
+        if potentials is not None:
+            for m, side in ((mu, "a"), (nu, "b")):
+                if _is_image(m):
+                    check_output(Path(f"{potentials}_{side}.png"), protect=inputs)
         result = _compute(
             mu,
             nu,
@@ -134,15 +173,18 @@ def distance(
             cost=cost,
             truncate=truncate,
             cluster_scale=cluster_scale,
+            field=field is not None,
         )
         if result.backend_fallback:
             warn(result.backend_fallback)
 
-        _write_outputs(result, log=log, potentials=potentials, protect=inputs)
+        _write_outputs(result, (mu, nu), log=log, potentials=potentials, field=field, protect=inputs)
         if verbose and result.schedule:
             err_console().print(schedule_table(result.schedule))
         if verbose and result.multiscale:
             err_console().print(multiscale_summary(result.multiscale))
+        if verbose and result.grid:
+            err_console().print(grid_summary(result.grid))
         if verbose:
             err_console().print(
                 f"{result.loss} = {result.value.item():.6g} | backend {result.backend} "
@@ -181,18 +223,44 @@ def _compute(mu, nu, **kwargs):
         return divergence(mu, nu, on_step=on_step, **kwargs)
 
 
-def _write_outputs(result, *, log, potentials, protect) -> None:
+def _write_outputs(result, measures, *, log, potentials, field, protect) -> None:
     """Write the requested files together: all of them, or none if one fails."""
-    from geomreg.io import atomic_write_many, npy_writer, text_writer
+    from geomreg.io import atomic_write_many, npy_writer, png_heatmap_writer, text_writer
 
     jobs = []
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.schedule))))
     if potentials is not None:
-        f, g = (t.detach().cpu().double().numpy() for t in result.potentials)
-        jobs += [(f"{potentials}_a.npy", npy_writer(f)), (f"{potentials}_b.npy", npy_writer(g))]
+        for m, t, side in zip(measures, result.potentials, "ab", strict=True):
+            values = _per_pixel(m, t.detach().cpu().double().numpy())
+            jobs.append((f"{potentials}_{side}.npy", npy_writer(values)))
+            if _is_image(m):
+                jobs.append((f"{potentials}_{side}.png", png_heatmap_writer(values)))
+    if field is not None:
+        jobs.append((field, npy_writer(_per_pixel(measures[0], result.field.cpu().double().numpy()))))
     if jobs:
         atomic_write_many(jobs, protect=protect)
+
+
+def _is_image(m) -> bool:
+    return m.grid is not None and len(m.grid.shape) == 2
+
+
+def _per_pixel(m, values):
+    """Per-point values of a measure, or for images and volumes one per pixel.
+
+    Pixel values are shaped like the input file, NaN on the pixels without mass when only
+    those with mass were computed (a point backend).
+    """
+    import numpy as np
+
+    if m.grid is None:
+        return values
+    if values.shape[0] != m.grid.size:  # a point backend: the pixels with mass only
+        full = np.full((m.grid.size, *values.shape[1:]), np.nan)
+        full[m.grid.mask] = values
+        values = full
+    return m.grid.to_array(values)
 
 
 def register(app: typer.Typer) -> None:

@@ -93,3 +93,11 @@ def multiscale_summary(info: dict) -> str:
         f"{info['cluster_scale']:.4g}; {phases}; truncation at {info['truncate']:g} eps keeps "
         f"{kept_text} of the pairs"
     )
+
+
+def grid_summary(info: dict) -> str:
+    """One line on the grid backend's pyramid (``--verbose``)."""
+    levels = " -> ".join(
+        "x".join(map(str, a)) + ("" if a == b else " / " + "x".join(map(str, b))) for a, b in info["levels"]
+    )
+    return f"grid: pyramid levels {levels}; moves to a finer level at steps {info['jump_steps']}"

@@ -634,6 +634,67 @@ def test_images(mass, loss):
     assert data["masses"] == pytest.approx([1.0, 1.0], rel=1e-5)
 
 
+def test_images_run_on_the_grid_with_pixel_outputs(tmp_path):
+    images = [SAMPLE / "blob_a.png", SAMPLE / "blob_b.png"]
+    shape = iio.imread(images[0]).shape[:2]
+    prefix, field = tmp_path / "pot", tmp_path / "field.npy"
+    data = _json_run(*images, "--potentials", prefix, "--field", field)
+    assert data["backend"] == "grid" and data["grid"]["levels"][-1] == [list(shape)] * 2
+    assert data["n_points"] == [shape[0] * shape[1]] * 2
+    for side in "ab":
+        pot = np.load(f"{prefix}_{side}.npy")
+        assert pot.shape == shape and np.isfinite(pot).all()
+        png = iio.imread(f"{prefix}_{side}.png")
+        assert png.shape == (*shape, 3) and png.dtype == np.uint8
+    disp = np.load(field)
+    assert disp.shape == (*shape, 2) and np.isfinite(disp).all() and np.abs(disp).max() > 0
+    # a point backend: the same value, potentials only on the pixels with mass (NaN elsewhere)
+    points = _json_run(*images, "--backend", "tensorized", "--potentials", tmp_path / "pt")
+    assert points["value"] == pytest.approx(data["value"], rel=2e-3)
+    pot = np.load(tmp_path / "pt_a.npy")
+    assert pot.shape == shape and np.isnan(pot).any() and np.isfinite(pot).any()
+
+
+def test_npy_density_arrays_and_volumes_on_the_grid(tmp_path):
+    g = np.random.default_rng(0)
+    for name, shape in (("img", (9, 7)), ("vol", (5, 4, 6))):
+        np.save(tmp_path / f"{name}_a.npy", g.random(shape))
+        np.save(tmp_path / f"{name}_b.npy", g.random(shape) ** 3)
+    as_image = _json_run(tmp_path / "img_a.npy", tmp_path / "img_b.npy", "--as-image")
+    assert as_image["backend"] == "grid" and as_image["dim"] == 2
+    as_cloud = _json_run(tmp_path / "img_a.npy", tmp_path / "img_b.npy")  # 9 points in 7-D
+    assert as_cloud["backend"] != "grid" and as_cloud["dim"] == 7
+    volume = _json_run(tmp_path / "vol_a.npy", tmp_path / "vol_b.npy", "--field", tmp_path / "f.npy")
+    assert volume["backend"] == "grid" and volume["dim"] == 3
+    assert np.load(tmp_path / "f.npy").shape == (5, 4, 6, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "grid", "--p", "1"], "L1 cost"),
+        (["--backend", "grid", "--loss", "energy"], "not energy"),
+        (["--loss", "energy", "--field", "f.npy"], "--field"),
+    ],
+)
+def test_grid_usage_errors(args, message, tmp_path):
+    images = [SAMPLE / "blob_a.png", SAMPLE / "blob_b.png"]
+    result = invoke("distance", *images, *[tmp_path / a if a == "f.npy" else a for a in args])
+    assert result.exit_code == 2 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_backend_refuses_point_clouds(clouds):
+    result = invoke("distance", clouds["a"], clouds["b"], "--backend", "grid")
+    assert result.exit_code == 2 and "density images" in result.stderr
+
+
+def test_field_of_point_clouds(clouds, tmp_path):
+    data = _json_run(clouds["a"], clouds["b"], "--field", tmp_path / "v.npy")
+    v = np.load(tmp_path / "v.npy")
+    assert v.shape == (data["n_points"][0], data["dim"]) and np.isfinite(v).all()
+
+
 def test_weight_property_reads_the_ply_column(tmp_path):
     """--weight-property confidence == the same numbers passed with --weights-a/-b."""
     b_points = np.load(SAMPLE / "spiral_b.npy")[:200]

@@ -57,7 +57,7 @@ SAFE_EXPONENT = {torch.float32: 25.0, torch.float64: 250.0}
 #: exponents below this are clamped before exp: the terms are negligible anyway, and
 #: float32 ``exp`` of very negative arguments is about 10x slower on x86 CPUs
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -600.0}
-#: tiles at most this wide are not worth a matrix product: plain log-sum-exp instead
+#: row-tile width x column-tile width at most this: plain log-sum-exp instead of products
 _NARROW = 4
 #: entries of one (lines, tiles, l) block of the shifted exponents (~16 MiB in float32)
 _BLOCK = 1 << 22
@@ -150,39 +150,40 @@ def log_conv_1d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -
 
     ``u (J,)`` and ``v (L,)`` are increasing node coordinates. Stable for any epsilon (see the
     module docstring); entries of ``x`` may be very negative (log of zero masses) but finite.
+    Both sides are cut into tiles: columns into runs of half-span ``a``, rows into runs of
+    half-width ``R eps / a``; ``a = sqrt(R eps)`` balances the two costs (the shifted
+    exponents, about K L J / (2 rho) entries, and the per-tile sums, about K J L / (2 a)).
     """
-    k_lines, n_cols = x.shape
+    x = x.contiguous()  # a transposed view makes every block below ~10x slower
     dt = x.dtype
-    v0 = (v[0] + v[-1]) / 2
-    eta = v - v0
-    span = float(eta.abs().max())
-    half_width = SAFE_EXPONENT[dt] * eps / span if span > 0 else math.inf
-    starts, stops = _tiles(u, 2 * half_width)
-    n_tiles = len(starts)
-    width = max(b - a for a, b in zip(starts, stops, strict=True))
-    if width <= _NARROW:  # tiny epsilon: the plain log-sum-exp is cheaper than tiny products
+    r_safe = SAFE_EXPONENT[dt]
+    half = min(math.sqrt(r_safe * eps), float(v[-1] - v[0]) / 2)
+    rho = r_safe * eps / half if half > 0 else math.inf
+    cols, rows = _tile_index(v, 2 * half), _tile_index(u, 2 * rho)
+    if cols.width * rows.width <= _NARROW:  # tiny eps: tiles of a node or two
         return _log_conv_direct(x, u, v, eps)
-    first = torch.tensor(starts, device=u.device)
-    last = torch.tensor(stops, device=u.device) - 1
-    centre = (u[first] + u[last]) / 2  # U_S
-    idx = first[:, None] + torch.arange(width, device=u.device)[None, :]
-    valid = idx <= last[:, None]
-    idx = torch.minimum(idx, last[:, None])
-    delta = u[idx] - centre[:, None]  # (S, w)
-    e = torch.exp(delta[:, None, :] * eta[None, :, None] / eps)  # (S, L, w)
-    j_shift = delta * (centre - v0)[:, None] / eps + delta * delta / (2 * eps)  # (S, w)
-    quad = (centre[:, None] - v[None, :]) ** 2 / (2 * eps)  # (S, L)
+    eta = (v[cols.idx] - cols.centre[:, None]) * cols.valid  # (T, wT)
+    delta = u[rows.idx] - rows.centre[:, None]  # (S, wS)
+    # E[S, T, l, j] = exp(delta_j eta_l / eps), zero on padding columns
+    e = torch.exp(eta[None, :, :, None] * delta[:, None, None, :] / eps) * cols.valid[None, :, :, None]
+    n_s, n_t, w_t, w_s = e.shape
+    j_shift = delta[:, None, :] * (rows.centre[:, None] - cols.centre[None, :])[:, :, None] / eps
+    quad = (rows.centre[:, None, None] - v[cols.idx][None]) ** 2 / (2 * eps)  # (S, T, wT)
+    xg = x[:, cols.idx]  # (K, T, wT); padding repeats a real column of its tile
     floor = _EXP_FLOOR[dt]
-    out = torch.empty(k_lines, n_tiles * width, dtype=dt, device=x.device)
-    chunk = max(1, _BLOCK // (n_tiles * n_cols))
-    for k0 in range(0, k_lines, chunk):
-        z = x[k0 : k0 + chunk, None, :] - quad[None]  # (c, S, L)
+    out = torch.empty(x.shape[0], n_s * w_s, dtype=dt, device=x.device)
+    chunk = max(1, _BLOCK // (n_s * n_t * max(w_t, w_s)))
+    e = e.reshape(n_s * n_t, w_t, w_s)
+    for k0 in range(0, x.shape[0], chunk):
+        z = xg[k0 : k0 + chunk, None] - quad[None]  # (c, S, T, wT)
+        c = z.shape[0]
         m = z.amax(-1, keepdim=True)
         p = torch.exp((z - m).clamp_min_(floor))
-        s = torch.bmm(p.transpose(0, 1), e)  # (S, c, w)
-        block = m + s.transpose(0, 1).log() - j_shift[None]  # (c, S, w)
-        out[k0 : k0 + chunk] = block.reshape(block.shape[0], -1)
-    return out if n_tiles * width == u.shape[0] else out[:, valid.reshape(-1)]
+        sums = torch.bmm(p.permute(1, 2, 0, 3).reshape(n_s * n_t, c, w_t), e)  # (S T, c, wS)
+        sums = sums.reshape(n_s, n_t, c, w_s).permute(2, 0, 1, 3)  # (c, S, T, wS)
+        block = torch.logsumexp(m + sums.log() - j_shift[None], dim=2)  # (c, S, wS)
+        out[k0 : k0 + chunk] = (block - delta * delta / (2 * eps)).reshape(c, -1)
+    return out if rows.valid.all() else out[:, rows.valid.reshape(-1)]
 
 
 def _log_conv_direct(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -199,19 +200,38 @@ def _log_conv_direct(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: flo
     return out
 
 
-def _tiles(u: torch.Tensor, width: float) -> tuple[list[int], list[int]]:
-    """Runs of consecutive nodes spanning at most ``width``: (starts, stops)."""
+@dataclass(frozen=True)
+class _Tiles:
+    """Runs of consecutive nodes, padded to a common width by repeating their last node."""
+
+    idx: torch.Tensor  # (n, width) node indices
+    valid: torch.Tensor  # (n, width) False on padding
+    centre: torch.Tensor  # (n,) middle of each run's span
+
+    @property
+    def width(self) -> int:
+        return self.idx.shape[1]
+
+
+def _tile_index(u: torch.Tensor, span: float) -> _Tiles:
+    """Runs of consecutive nodes of ``u`` (increasing) spanning at most ``span`` each."""
     n = u.shape[0]
-    if not math.isfinite(width) or float(u[-1] - u[0]) <= width:
-        return [0], [n]
-    ends = torch.searchsorted(u, u + width, right=True).tolist()
-    starts, stops, s = [], [], 0
-    while s < n:
-        e = max(ends[s], s + 1)
-        starts.append(s)
-        stops.append(e)
-        s = e
-    return starts, stops
+    if not math.isfinite(span) or float(u[-1] - u[0]) <= span:
+        starts, stops = [0], [n]
+    else:
+        ends = torch.searchsorted(u, u + span, right=True).tolist()
+        starts, stops, s = [], [], 0
+        while s < n:
+            e = max(ends[s], s + 1)
+            starts.append(s)
+            stops.append(e)
+            s = e
+    width = max(b - a for a, b in zip(starts, stops, strict=True))
+    first = torch.tensor(starts, device=u.device)
+    last = torch.tensor(stops, device=u.device) - 1
+    idx = first[:, None] + torch.arange(width, device=u.device)[None, :]
+    valid = idx <= last[:, None]
+    return _Tiles(torch.minimum(idx, last[:, None]), valid, (u[first] + u[last]) / 2)
 
 
 def _along_axes(h: torch.Tensor, rows: GridLayout, cols: GridLayout, reduce_1d) -> torch.Tensor:

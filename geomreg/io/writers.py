@@ -163,6 +163,36 @@ def npy_writer(array) -> Callable[[str], None]:
     return _save
 
 
+#: colour ramp of heat maps, dark blue (low) to yellow (high): viridis' key colours
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+
+
+def heatmap_rgb(values: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 colours of a 2-D array: minimum dark blue, maximum yellow, NaN white."""
+    v = np.asarray(values, dtype=np.float64)
+    known = np.isfinite(v)
+    lo, hi = (float(v[known].min()), float(v[known].max())) if known.any() else (0.0, 0.0)
+    t = np.where(known, (v - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
+    pos = t * (len(_RAMP) - 1)
+    k = np.minimum(pos.astype(int), len(_RAMP) - 2)
+    frac = (pos - k)[..., None]
+    rgb = np.rint(_RAMP[k] * (1 - frac) + _RAMP[k + 1] * frac)
+    rgb[~known] = 255
+    return rgb.astype(np.uint8)
+
+
+def png_heatmap_writer(values: np.ndarray) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write`: a 2-D array as a PNG heat map (:func:`heatmap_rgb`)."""
+    rgb = heatmap_rgb(values)
+
+    def _save(tmp: str) -> None:
+        import imageio.v3 as iio
+
+        iio.imwrite(tmp, rgb, extension=".png")
+
+    return _save
+
+
 def text_writer(text: str) -> Callable[[str], None]:
     """A ``write_fn`` for :func:`atomic_write`: writes ``text`` as UTF-8."""
 
