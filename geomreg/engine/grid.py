@@ -167,22 +167,27 @@ def log_conv_1d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -
     # E[S, T, l, j] = exp(delta_j eta_l / eps), zero on padding columns
     e = torch.exp(eta[None, :, :, None] * delta[:, None, None, :] / eps) * cols.valid[None, :, :, None]
     n_s, n_t, w_t, w_s = e.shape
-    j_shift = delta[:, None, :] * (rows.centre[:, None] - cols.centre[None, :])[:, :, None] / eps
-    quad = (rows.centre[:, None, None] - v[cols.idx][None]) ** 2 / (2 * eps)  # (S, T, wT)
-    xg = x[:, cols.idx]  # (K, T, wT); padding repeats a real column of its tile
-    floor = _EXP_FLOOR[dt]
-    out = torch.empty(x.shape[0], n_s * w_s, dtype=dt, device=x.device)
-    chunk = max(1, _BLOCK // (n_s * n_t * max(w_t, w_s)))
     e = e.reshape(n_s * n_t, w_t, w_s)
+    j_shift = delta[:, None, None, :] * (rows.centre[:, None] - cols.centre[None, :])[:, :, None, None] / eps
+    quad = (rows.centre[:, None, None] - v[cols.idx][None]) ** 2 / (2 * eps)  # (S, T, wT)
+    quad = quad[:, :, None, :]
+    xg = x[:, cols.idx].transpose(0, 1).contiguous()  # (T, K, wT); padding repeats a real column
+    floor = _EXP_FLOOR[dt]
+    out = torch.empty(x.shape[0], n_s, w_s, dtype=dt, device=x.device)
+    chunk = max(1, _BLOCK // (n_s * n_t * max(w_t, w_s)))
+    # Layout (S, T, lines, w) throughout: the products need no copy and every reduction runs
+    # over contiguous memory, in place (3-4x faster than permuted views on the CPU).
     for k0 in range(0, x.shape[0], chunk):
-        z = xg[k0 : k0 + chunk, None] - quad[None]  # (c, S, T, wT)
-        c = z.shape[0]
+        z = xg[None, :, k0 : k0 + chunk] - quad  # (S, T, c, wT)
+        c = z.shape[2]
         m = z.amax(-1, keepdim=True)
-        p = torch.exp((z - m).clamp_min_(floor))
-        sums = torch.bmm(p.permute(1, 2, 0, 3).reshape(n_s * n_t, c, w_t), e)  # (S T, c, wS)
-        sums = sums.reshape(n_s, n_t, c, w_s).permute(2, 0, 1, 3)  # (c, S, T, wS)
-        block = torch.logsumexp(m + sums.log() - j_shift[None], dim=2)  # (c, S, wS)
-        out[k0 : k0 + chunk] = (block - delta * delta / (2 * eps)).reshape(c, -1)
+        p = z.sub_(m).clamp_min_(floor).exp_()
+        sums = torch.bmm(p.reshape(n_s * n_t, c, w_t), e).reshape(n_s, n_t, c, w_s)
+        terms = sums.log_().add_(m).sub_(j_shift)  # log of each column tile's share
+        top = terms.amax(1, keepdim=True)
+        lse = terms.sub_(top).clamp_min_(floor).exp_().sum(1).log_().add_(top[:, 0])  # (S, c, wS)
+        out[k0 : k0 + chunk] = lse.transpose(0, 1)
+    out = (out - delta * delta / (2 * eps)).reshape(x.shape[0], -1)
     return out if rows.valid.all() else out[:, rows.valid.reshape(-1)]
 
 
@@ -195,8 +200,8 @@ def _log_conv_direct(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: flo
     for k0 in range(0, x.shape[0], chunk):
         z = x[k0 : k0 + chunk, None, :] - c[None]  # (c, J, L)
         m = z.amax(-1, keepdim=True)
-        s = torch.exp(z.sub_(m).clamp_min_(floor)).sum(-1)
-        out[k0 : k0 + chunk] = m[..., 0] + s.log()
+        s = z.sub_(m).clamp_min_(floor).exp_().sum(-1)
+        out[k0 : k0 + chunk] = m[..., 0] + s.log_()
     return out
 
 
