@@ -30,6 +30,7 @@ test-all: setup
 bench: setup
 	$(PY) bench/bench_dense.py
 	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_grid.py
 
 lint: setup
 	$(VENV)/bin/ruff check geomreg cli tests bench

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from common import (
     REPO_ROOT,
+    bench_main,
     fmt_err,
     fmt_ratio,
     fmt_s,
@@ -780,24 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         return child_main(args.child)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        build = torch.version.cuda or "none: this is a CPU-only build"
-        print(f"bench_scale.py: --device {args.device} was asked for, but torch sees no CUDA "
-              f"GPU (torch {torch.__version__}, CUDA build: {build}). Run with --device cpu, "
-              "or on a machine with a GPU and a CUDA build of torch.", file=sys.stderr)
-        return 2
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and dev.index is not None:
-        torch.cuda.set_device(dev)
-    tag = args.device.replace(":", "") + ("_quick" if args.quick else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out / f"scale_{tag}.json", args.out / f"scale_{tag}.md"
-
-    with stdout_to_stderr():  # KeOps and GeomLoss print on stdout: keep it for the table
-        report = run(args, dev, json_path, md_path)
-    print(render(report))
-    log(f"wrote {json_path} and {md_path} ({report['total_s']:.0f} s in all)")
-    return 0
+    return bench_main("scale", args, run, render)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,31 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def log(msg: str) -> None:
     """Progress to stderr (stdout carries only the final table)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def bench_main(name: str, args: Any, run: Callable[..., dict], render: Callable[[dict], str]) -> int:
+    """The end of a benchmark's ``main``: check the device, run, write and print the report.
+
+    ``run(args, device, json_path, md_path)`` measures and saves; the markdown table from
+    ``render(report)`` goes to stdout, everything else (KeOps' and GeomLoss's chatter
+    included) to stderr. Outputs: ``<args.out>/<name>_<device>[_quick].{json,md}``.
+    """
+    from geomreg._stdio import stdout_to_stderr
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        build = torch.version.cuda or "none: this is a CPU-only build"
+        log(f"bench_{name}.py: --device {args.device} was asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {build}). Run with --device cpu, or on a "
+            "machine with a GPU and a CUDA build of torch.")
+        return 2
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    tag = args.device.replace(":", "") + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"{name}_{tag}.json", args.out / f"{name}_{tag}.md"
+    with stdout_to_stderr():  # KeOps and GeomLoss print on stdout: keep it for the table
+        report = run(args, dev, json_path, md_path)
+    print(render(report))
+    log(f"wrote {json_path} and {md_path} ({report['total_s']:.0f} s in all)")
+    return 0

@@ -15,8 +15,10 @@ class StepLog:
 
     Attributes:
         index: 0-based step number over the whole run.
-        phase: ``"coarse"`` (descent steps run on cluster centroids by the multiscale
-            backend), ``"schedule"`` (epsilon-scaling descent), ``"converge"`` (extra iterations
+        phase: ``"coarse"`` (descent steps run on a coarser level: cluster centroids for
+            the multiscale backend, pooled images for the grid backend), ``"schedule"`` (epsilon-scaling descent), ``"refine"`` (a last schedule
+            step that only carries the potentials to the finest level: change and marginal
+            error are NaN), ``"converge"`` (extra iterations
             at the final epsilon until the tolerance is met) or ``"final"`` (the last
             extrapolation step, the one that carries gradients).
         eps: temperature epsilon of the step.
