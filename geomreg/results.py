@@ -16,11 +16,11 @@ class StepLog:
     Attributes:
         index: 0-based step number over the whole run.
         phase: ``"coarse"`` (descent steps run on a coarser level: cluster centroids for
-            the multiscale backend, pooled images for the grid backend), ``"schedule"`` (epsilon-scaling descent), ``"refine"`` (a last schedule
-            step that only carries the potentials to the finest level: change and marginal
-            error are NaN), ``"converge"`` (extra iterations
-            at the final epsilon until the tolerance is met) or ``"final"`` (the last
-            extrapolation step, the one that carries gradients).
+            the multiscale backend, pooled images for the grid backend), ``"schedule"``
+            (epsilon-scaling descent), ``"refine"`` (a last schedule step that only carries
+            the potentials to the full images: change and marginal error are NaN),
+            ``"converge"`` (extra iterations at the final epsilon until the tolerance is met)
+            or ``"final"`` (the last extrapolation step, the one that carries gradients).
         eps: temperature epsilon of the step.
         sigma: the matching length scale eps ** (1/p).
         elapsed_s: seconds since the loop started, at the end of the step.

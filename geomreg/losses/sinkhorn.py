@@ -204,10 +204,11 @@ def sinkhorn_loss(
             if levels is not None:
                 new_level = levels.level_at(i)
                 if new_level != level:  # a finer level: extrapolate the potentials to it
-                    # At the last step the extrapolation, made at this step's eps, is the step's
-                    # update (as in GeomLoss): on 512^2 images at blur 1.5 px that saved a fifth
-                    # of the time and moved the value by 5e-5 relative (measured).
-                    last = i == len(eps_list) - 1
+                    # Image pyramids: at the last step the extrapolation, made at this step's
+                    # eps, is the step's update (as in GeomLoss): on 512^2 images at blur 1.5 px
+                    # that saved a fifth of the time and moved the value by 5e-5 relative
+                    # (measured). Not for multiscale: its truncation needs the updated potentials.
+                    last = i == len(eps_list) - 1 and levels.refine_is_update
                     f_ba, g_ab, f_aa, g_bb = levels.refine(level, new_level, f_ba, g_ab, f_aa,
                                                            g_bb, eps if last else eps_list[i - 1])
                     level = new_level
@@ -344,9 +345,10 @@ def _levels_for(backend, x, a, y, b, cost, eps_list, debias, rho):
     """The coarse-to-fine protocol of a backend that has one, else None.
 
     A protocol object has ``level_at(i)`` (the level of schedule step i; the last step is
-    always on ``finest``), ``pairs(level)`` and ``weights(level)``, ``refine(old, new, f_ba,
-    g_ab, f_aa, g_bb, eps)`` (potentials moved to a finer level), ``truncate(level, pairs,
-    f_ba, g_ab, f_aa, g_bb, eps)`` and an ``info`` dict for the result.
+    always on ``finest``), ``refine_is_update`` (a jump at the last step replaces its
+    update), ``pairs(level)`` and ``weights(level)``, ``refine(old, new, f_ba, g_ab, f_aa,
+    g_bb, eps)`` (potentials moved to a finer level), ``truncate(level, pairs, f_ba, g_ab,
+    f_aa, g_bb, eps)`` and an ``info`` dict for the result.
     """
     if getattr(backend, "multiscale", False):
         return _Multiscale(backend, x, a, y, b, cost, eps_list, debias, rho)
@@ -390,6 +392,7 @@ class _Multiscale:
     """
 
     finest = 1
+    refine_is_update = False
 
     def __init__(self, backend, x, a, y, b, cost, eps_list, debias, rho):
         self.backend, self.x, self.y, self.a, self.b = backend, x, y, a, b
@@ -467,6 +470,7 @@ class _Pyramid:
     """
 
     finest = (0, 0)
+    refine_is_update = True
 
     def __init__(self, backend, x, a, y, b, cost, eps_list, debias, rho):
         from ..engine.grid import pyramid
