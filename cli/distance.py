@@ -10,6 +10,7 @@ import typer
 
 from geomreg import defaults
 
+from . import options as o
 from .errors import EXIT_NOT_CONVERGED, handle_errors
 from .output import (
     dumps,
@@ -21,81 +22,32 @@ from .output import (
     warn,
 )
 
-LOSS_HELP = (
-    "sinkhorn (debiased entropic OT, S_eps), hausdorff, energy (half the energy distance), "
-    "gaussian, laplacian (kernel MMDs: 1/2 |a - b|_k^2)."
-)
-
 
 def distance(
-    a: Annotated[
-        Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")
-    ],
-    b: Annotated[Path, typer.Argument(metavar="B", help="Target measure, same kinds (same dimension as A).")],
-    loss: Annotated[str, typer.Option(help=LOSS_HELP)] = "sinkhorn",
-    p: Annotated[int, typer.Option("--p", help="Cost exponent: 1 (|x-y|) or 2 (|x-y|^2/2).")] = defaults.P,
-    blur: Annotated[
-        float, typer.Option(help="Blur sigma: eps = blur^p; kernel width for gaussian/laplacian.")
-    ] = defaults.BLUR,
-    reach: Annotated[
-        float | None, typer.Option(help="Unbalanced OT with rho = reach^p (sinkhorn). Default: balanced.")
-    ] = None,
-    diameter: Annotated[
-        float | None, typer.Option(help="Largest distance of the problem (default: bounding-box diagonal).")
-    ] = None,
-    scaling: Annotated[
-        float, typer.Option(help="Ratio of successive blurs in the eps-schedule, in (0, 1).")
-    ] = defaults.SCALING,
-    debias: Annotated[bool, typer.Option("--debias/--no-debias", help="Debiased S_eps, or OT_eps.")] = True,
-    tol: Annotated[
-        float,
-        typer.Option(help="Stop when every marginal error is <= tol; 'inf' runs GeomLoss's schedule only."),
-    ] = defaults.TOL,
-    max_iter: Annotated[
-        int, typer.Option(help="Most Sinkhorn iterations, schedule included.")
-    ] = defaults.MAX_ITER,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="auto, tensorized (dense), online (KeOps, linear memory), multiscale "
-            "(clusters + truncation, one pair of clouds in D <= 3, linear memory) or grid "
-            "(two density images or volumes: separable convolutions on image pyramids; "
-            "auto's choice for them with sinkhorn p=2 and gaussian)."
-        ),
-    ] = "auto",
-    truncate: Annotated[
-        float | None,
-        typer.Option(
-            help="multiscale: drop blocks whose plan weight is below exp(-T) of the best "
-            "(default 5 for p=2, 15 for p=1; kernels: 25)."
-        ),
-    ] = None,
-    cluster_scale: Annotated[
-        float | None,
-        typer.Option(help="multiscale: side of the grid cells that form the clusters (default: automatic)."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    weights_a: Annotated[Path | None, typer.Option(help="Weights of A: .npy or text, one per point.")] = None,
-    weights_b: Annotated[Path | None, typer.Option(help="Weights of B: .npy or text, one per point.")] = None,
-    weight_property: Annotated[
-        str | None, typer.Option(help="Per-vertex PLY property used as weights of both A and B.")
-    ] = None,
-    mass: Annotated[str, typer.Option(help="Images: 'dark' (dark pixels carry mass) or 'bright'.")] = "dark",
-    as_image: Annotated[
-        bool,
-        typer.Option("--as-image", help="Read 2-D .npy arrays as density images (first row on top), "
-                     "not as (N, D) point clouds. Rank-3 .npy arrays are always density volumes."),
-    ] = False,
-    keep_mass: Annotated[
-        bool, typer.Option("--keep-mass", help="Do not normalise weights to mass 1 (for unbalanced OT).")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Print the eps-scaling log on stderr.")
-    ] = False,
-    log: Annotated[
-        Path | None, typer.Option(help="Write the eps-scaling log as JSON lines to this file.")
-    ] = None,
+    a: o.SourceArg,
+    b: o.TargetArg,
+    loss: o.Loss = "sinkhorn",
+    p: o.P = defaults.P,
+    blur: o.Blur = defaults.BLUR,
+    reach: o.Reach = None,
+    diameter: o.Diameter = None,
+    scaling: o.Scaling = defaults.SCALING,
+    debias: o.Debias = True,
+    tol: o.Tol = defaults.TOL,
+    max_iter: o.MaxIter = defaults.MAX_ITER,
+    backend: o.Backend = "auto",
+    truncate: o.Truncate = None,
+    cluster_scale: o.ClusterScale = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    weights_a: o.WeightsA = None,
+    weights_b: o.WeightsB = None,
+    weight_property: o.WeightProperty = None,
+    mass: o.Mass = "dark",
+    as_image: o.AsImage = False,
+    keep_mass: o.KeepMass = False,
+    verbose: o.Verbose = False,
+    log: o.Log = None,
     potentials: Annotated[
         str | None,
         typer.Option(
@@ -117,10 +69,8 @@ def distance(
             help="Ground cost as a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2' (online backend)."
         ),
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of the value.")
-    ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    json_out: o.JsonOut = False,
+    debug: o.Debug = False,
 ) -> None:
     """Compute the divergence between measures A and B and print it on stdout.
 

@@ -68,9 +68,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import distance, warmup
+    from . import distance, match, warmup
 
     distance.register(app)
+    match.register(app)
     warmup.register(app)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ParameterError",
     "__version__",
     "divergence",
+    "match",
 ]
 
 
@@ -26,3 +27,10 @@ def divergence(*args, **kwargs):
     from .api import divergence as _divergence
 
     return _divergence(*args, **kwargs)
+
+
+def match(*args, **kwargs):
+    """Move a source onto a target along the Sinkhorn transport map; see :func:`.registration.match`."""
+    from .registration import match as _match
+
+    return _match(*args, **kwargs)

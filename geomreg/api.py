@@ -17,7 +17,7 @@ import torch
 
 from . import defaults
 from ._version import __version__
-from .engine import BackendChoice, choose_backend, get_backend
+from .engine import BackendChoice, Cost, choose_backend, get_backend
 from .errors import BackendUnavailable, InputError, ParameterError
 from .losses import hausdorff_loss, kernel_loss, sinkhorn_loss
 from .measure import Measure
@@ -212,6 +212,12 @@ def divergence(
     elapsed = _now(xs.device) - t0
 
     value = out.values if batched else out.values[0]
+    plan = None
+    if out.plan is not None and not batched and layouts is None:
+        from .transport import TransportPlan
+
+        plan = TransportPlan(engine, Cost(p, cost), out.plan["eps"], xs.detach(), ys.detach(),
+                             a_t.detach(), out.plan["h_ab"], out.plan["h_aa"], centre)
     disp = None
     if out.field is not None:
         disp = out.field if batched else out.field[0]
@@ -241,6 +247,7 @@ def divergence(
         grid=out.engine_info if choice.name == "grid" else None,
         backend_fallback=choice.fallback,
         field=disp,
+        plan=plan,
     )
 
 

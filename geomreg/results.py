@@ -56,6 +56,9 @@ class LossOutput:
         engine_info: what the backend reports about its work (multiscale: clusters, jump,
             blocks kept; grid: pyramid levels), or None.
         field: ``(B, N, D)`` displacement field of the source points, when asked for.
+        plan: Sinkhorn: the final temperature and the column log-weights of the plans
+            (a, b) and (a, a), ``h = log w + g / eps``, from which
+            :class:`~geomreg.transport.TransportPlan` evaluates the plan anywhere.
     """
 
     values: Any
@@ -66,6 +69,7 @@ class LossOutput:
     converged: bool = True
     engine_info: dict[str, Any] | None = None
     field: Any = None
+    plan: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class DivergenceResult:
             finer level), else None.
         field: the displacement field ``(N, D)`` of the source points when asked for
             (``field=True``), else None; not in ``to_dict``.
+        plan: Sinkhorn on one pair of clouds: the entropic transport plan, as a
+            :class:`~geomreg.transport.TransportPlan` (the field at other points, the
+            strongest matches of each source point); not in ``to_dict``.
     """
 
     value: Any
@@ -118,6 +125,7 @@ class DivergenceResult:
     backend_fallback: str | None = None
     grid: dict[str, Any] | None = None
     field: Any = None
+    plan: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view: numbers, strings, lists (potentials are left out)."""

@@ -919,3 +919,33 @@ def test_write_npy_exact_name_and_text(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+
+
+# ----- point-cloud outputs (points_writer)
+
+
+@pytest.mark.parametrize("suffix", [".ply", ".npy", ".txt", ".csv", ".xyz"])
+def test_points_writer_round_trips(tmp_path, suffix):
+    from geomreg.io import atomic_write, points_writer
+
+    g = np.random.default_rng(0)
+    pts, w = g.random((25, 3)) * 100 - 50, g.random(25) + 0.1
+    path = tmp_path / f"out{suffix}"
+    atomic_write(path, points_writer(path, pts, w))
+    m = read_measure(path, weight_property="weight" if suffix == ".ply" else None)
+    np.testing.assert_array_equal(m.points, pts)  # float64, full precision, every format
+    if suffix == ".ply":
+        np.testing.assert_array_equal(m.weights, w)
+
+
+def test_points_writer_refusals(tmp_path):
+    from geomreg.errors import OutputError
+    from geomreg.io import atomic_write, points_writer
+
+    flat = tmp_path / "flat.ply"
+    atomic_write(flat, points_writer(flat, np.ones((4, 2))))
+    np.testing.assert_array_equal(read_measure(flat).points, np.c_[np.ones((4, 2)), np.zeros(4)])
+    with pytest.raises(OutputError, match="at most 3 coordinates"):
+        points_writer(tmp_path / "x.ply", np.ones((4, 5)))
+    with pytest.raises(OutputError, match="unknown point-cloud format"):
+        points_writer(tmp_path / "x.vtk", np.ones((4, 3)))

@@ -193,6 +193,54 @@ def png_heatmap_writer(values: np.ndarray) -> Callable[[str], None]:
     return _save
 
 
+#: point-cloud output formats, by suffix
+POINT_SUFFIXES = (".npy", ".ply", ".txt", ".csv", ".xyz")
+
+
+def points_writer(path: str | os.PathLike, points, weights=None) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write` saving a cloud in the format of ``path``'s suffix.
+
+    ``.npy``: the ``(N, D)`` float64 array. ``.ply``: binary little-endian, vertices ``x y z``
+    (float64; ``z = 0`` for 2-D clouds) and, when given, a ``weight`` property.
+    ``.txt``/``.xyz``: one point per line, space-separated; ``.csv``: comma-separated (the
+    coordinates only; weights travel in PLY files).
+
+    Raises:
+        OutputError: an unknown suffix, or a cloud a PLY file cannot hold (D > 3).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    suffix = Path(path).suffix.lower()
+    if suffix not in POINT_SUFFIXES:
+        raise OutputError(str(path), f"unknown point-cloud format {suffix or '(no suffix)'!r}; "
+                          "use " + ", ".join(POINT_SUFFIXES))
+    if suffix == ".npy":
+        return npy_writer(pts)
+    if suffix in (".txt", ".xyz", ".csv"):
+        sep = "," if suffix == ".csv" else " "
+        return text_writer("".join(sep.join(repr(float(v)) for v in row) + "\n" for row in pts))
+    if pts.shape[1] > 3:
+        raise OutputError(str(path), f"a PLY file holds points of at most 3 coordinates, not {pts.shape[1]}")
+    xyz = np.zeros((pts.shape[0], 3))
+    xyz[:, : pts.shape[1]] = pts
+    fields = [("x", "<f8"), ("y", "<f8"), ("z", "<f8")]
+    if weights is not None:
+        fields.append(("weight", "<f8"))
+    rows = np.empty(pts.shape[0], dtype=fields)
+    rows["x"], rows["y"], rows["z"] = xyz.T
+    if weights is not None:
+        rows["weight"] = np.asarray(weights, dtype=np.float64)
+    header = ["ply", "format binary_little_endian 1.0", "comment written by geomreg",
+              f"element vertex {pts.shape[0]}"]
+    header += [f"property double {name}" for name, _ in fields] + ["end_header"]
+
+    def _save(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(("\n".join(header) + "\n").encode("ascii"))
+            fh.write(rows.tobytes())
+
+    return _save
+
+
 def text_writer(text: str) -> Callable[[str], None]:
     """A ``write_fn`` for :func:`atomic_write`: writes ``text`` as UTF-8."""
 

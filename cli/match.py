@@ -1,0 +1,149 @@
+"""``geomreg match A B --out REG``: move A onto B along the Sinkhorn transport map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geomreg import defaults
+
+from . import options as o
+from .errors import EXIT_NOT_CONVERGED, handle_errors
+from .output import dumps, err_console, print_data, schedule_table, warn
+
+
+def match(
+    a: o.SourceArg,
+    b: o.TargetArg,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Write A moved by the field here: .ply (with A's weights as the "
+                     "vertex property 'weight'), .npy, .txt, .xyz or .csv."),
+    ],
+    field: Annotated[
+        Path | None, typer.Option(help="Write the displacement field v (N, D) here (.npy): REG = A + v.")
+    ] = None,
+    apply: Annotated[
+        Path | None,
+        typer.Option(help="Other points (e.g. the full-resolution scan A was subsampled from) to move "
+                     "by the same field, extended by the dual potentials; needs --apply-out."),
+    ] = None,
+    apply_out: Annotated[
+        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out).")
+    ] = None,
+    matches: Annotated[
+        Path | None,
+        typer.Option(help="Write each point of A's --top-k strongest targets to this CSV: "
+                     "source,target,weight (indices from 0; weights are transport-plan entries)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Targets per source point in --matches.")] = 1,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Also compute the divergence between REG and B "
+                           "(divergence_after in --json; one more Sinkhorn run).")
+    ] = False,
+    p: o.P = defaults.P,
+    blur: o.Blur = defaults.BLUR,
+    reach: o.Reach = None,
+    diameter: o.Diameter = None,
+    scaling: o.Scaling = defaults.SCALING,
+    debias: o.Debias = True,
+    tol: o.Tol = defaults.TOL,
+    max_iter: o.MaxIter = defaults.MAX_ITER,
+    backend: o.Backend = "auto",
+    truncate: o.Truncate = None,
+    cluster_scale: o.ClusterScale = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    weights_a: o.WeightsA = None,
+    weights_b: o.WeightsB = None,
+    weight_property: o.WeightProperty = None,
+    keep_mass: o.KeepMass = False,
+    verbose: o.Verbose = False,
+    log: o.Log = None,
+    json_out: o.JsonOut = False,
+    debug: o.Debug = False,
+) -> None:
+    """Register A onto B by one transport map and write the moved points.
+
+    The field is the Sinkhorn divergence's displacement (a blurred Brenier map):
+    v(x_i) = -(1/a_i) dS/dx_i for balanced problems, i.e. the barycentre of x_i's row of the
+    transport plan minus, when debiased, that of A's plan to itself. stdout: the divergence
+    S(A, B) whose plan was used (or one JSON object with --json).
+    """
+    with handle_errors(debug):
+        from geomreg.errors import ParameterError
+        from geomreg.io import check_output, points_writer, read_measure
+        from geomreg.params import check_params
+
+        check_params("sinkhorn", p, blur, reach, scaling, tol, max_iter, diameter)
+        if (apply is None) != (apply_out is None):
+            raise ParameterError("--apply-out" if apply is not None else "--apply",
+                                 "--apply and --apply-out go together")
+        if matches is None and top_k != 1:
+            raise ParameterError("--top-k", "applies to --matches")
+        inputs = [a, b] + [f for f in (weights_a, weights_b, apply) if f is not None]
+        outputs = [f for f in (out, field, apply_out, matches, log) if f is not None]
+        if len({Path(f).resolve() for f in outputs}) < len(outputs):
+            raise ParameterError("--out", "two outputs name the same file")
+        for f in outputs:
+            check_output(f, protect=inputs)
+        points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if apply_out is not None:
+            points_writer(apply_out, [[0.0]])
+
+        mu = read_measure(a, weights=weights_a, weight_property=weight_property)
+        nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        other = read_measure(apply) if apply is not None else None
+        from geomreg.registration import match as run_match
+
+        result = run_match(
+            mu, nu, apply=other, top_k=top_k if matches is not None else None, evaluate_after=evaluate,
+            p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling, debias=debias, tol=tol,
+            max_iter=max_iter, backend=backend, device=device, dtype=dtype, normalize=not keep_mass,
+            truncate=truncate, cluster_scale=cluster_scale,
+        )
+        div = result.divergence
+        if div.backend_fallback:
+            warn(div.backend_fallback)
+        _write(result, mu, other, out=out, field=field, apply_out=apply_out, matches=matches,
+               log=log, protect=inputs)
+        if verbose and div.schedule:
+            err_console().print(schedule_table(div.schedule))
+        record = result.to_dict()
+        record.update(a=str(a), b=str(b), out=str(out))
+        print_data(dumps(record) if json_out else repr(div.value.item()))
+        if not div.converged:
+            warn(f"not converged after {div.n_iter} iterations: marginal error "
+                 f"{div.marginal_error:.3g} > --tol {tol:g}; the field may be inaccurate")
+            raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+def _write(result, mu, other, *, out, field, apply_out, matches, log, protect) -> None:
+    """All requested files together, atomically (all or none)."""
+    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
+
+    def arr(t):
+        return t.detach().cpu().double().numpy()
+
+    jobs = [(out, points_writer(out, arr(result.registered), mu.weights))]
+    if field is not None:
+        jobs.append((field, npy_writer(arr(result.field))))
+    if apply_out is not None:
+        jobs.append((apply_out, points_writer(apply_out, arr(result.applied), other.weights)))
+    if matches is not None:
+        idx, w = (arr(t) for t in result.matches)
+        lines = ["source,target,weight\n"]
+        for i in range(idx.shape[0]):
+            lines += [f"{i},{int(j)},{float(wt)!r}\n" for j, wt in zip(idx[i], w[i], strict=True)]
+        jobs.append((matches, text_writer("".join(lines))))
+    if log is not None:
+        steps = result.divergence.schedule
+        jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in steps))))
+    atomic_write_many(jobs, protect=protect)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("match")(match)

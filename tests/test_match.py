@@ -1,0 +1,120 @@
+"""``geomreg.match`` and ``geomreg match``: registration by the Sinkhorn transport map."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import geomreg
+from cli.main import app
+from geomreg.errors import ParameterError
+from geomreg.io import read_measure
+
+runner = CliRunner()
+
+
+def ellipses(n=300, m=260, seed=0):
+    g = np.random.default_rng(seed)
+    t, s = np.linspace(0, 2 * math.pi, n, endpoint=False), np.linspace(0, 2 * math.pi, m, endpoint=False)
+    x = np.stack([np.cos(t), np.sin(t)], 1) * 0.3 + 0.5 + 0.005 * g.normal(size=(n, 2))
+    y = np.stack([1.3 * np.cos(s), 0.8 * np.sin(s)], 1) * 0.3 + 0.6
+    return x, y
+
+
+def test_match_moves_the_source_onto_the_target():
+    x, y = ellipses()
+    r = geomreg.match(x, y, blur=0.02, evaluate_after=True, backend="tensorized", dtype="float64")
+    before, after = r.divergence.value.item(), r.after.value.item()
+    assert after < 1e-2 * before
+    assert torch.allclose(r.registered, torch.as_tensor(x) + r.field)
+
+
+def test_field_extends_to_other_points_through_the_potentials():
+    x, y = ellipses()
+    r = geomreg.match(x, y, blur=0.03, apply=x[::3], backend="tensorized", dtype="float64", tol=1e-9)
+    # at the source points themselves, the extension is the field
+    assert (r.applied_field - r.field[::3]).abs().max() < 1e-9
+    # at nearby points (a denser sampling of the same shape) it is close to the field
+    near = geomreg.match(x, y, blur=0.03, apply=x[::3] + 1e-3, backend="tensorized", dtype="float64")
+    assert (near.applied_field - r.field[::3]).abs().max() < 0.02
+    assert torch.allclose(near.applied, torch.as_tensor(x[::3] + 1e-3) + near.applied_field)
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "multiscale"])
+def test_top_k_matches_are_the_largest_plan_entries(backend):
+    x, y = ellipses(80, 70)
+    r = geomreg.match(x, y, blur=0.05, top_k=70, backend=backend, dtype="float64", tol=1e-9)
+    idx, w = r.matches
+    # with k = M every row holds its point's whole mass, in decreasing order
+    assert torch.allclose(w.sum(1), torch.full((80,), 1 / 80, dtype=w.dtype), atol=1e-6)
+    assert (w[:, :-1] >= w[:, 1:]).all()
+    # the plan: pi_ij = a_i b_j exp((f_i + g_j - C_ij) / eps) from a dense computation
+    x_t, y_t = torch.as_tensor(x), torch.as_tensor(y)
+    c = ((x_t[:, None] - y_t[None]) ** 2).sum(-1) / 2
+    plan = r.divergence.plan
+    logits = plan.h_ab[0][None] - c / plan.eps
+    dense = torch.softmax(logits, dim=1) / 80
+    assert torch.allclose(w, dense.gather(1, idx), atol=1e-7)
+
+
+def test_match_refusals():
+    x, y = ellipses(20, 20)
+    with pytest.raises(ParameterError, match="Sinkhorn"):
+        geomreg.match(x, y, loss="energy")
+    with pytest.raises(ParameterError, match="--top-k"):
+        geomreg.match(x, y, top_k=21)
+
+
+def test_cli_match_writes_every_output(tmp_path):
+    x, y = ellipses(120, 100)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    np.save(tmp_path / "full.npy", x + 1e-3)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["match", tmp_path / "a.npy", tmp_path / "b.npy", "--out", out / "reg.ply",
+            "--field", out / "v.npy", "--apply", tmp_path / "full.npy", "--apply-out",
+            out / "full_reg.csv", "--matches", out / "m.csv", "--top-k", "2", "--blur", "0.03",
+            "--evaluate", "--json"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    data = json.loads(result.stdout)
+    assert data["divergence_after"] < 0.05 * data["value"] and data["top_k"] == 2
+    reg = read_measure(out / "reg.ply", weight_property="weight")
+    v = np.load(out / "v.npy")
+    np.testing.assert_allclose(reg.points[:, :2], x + v, atol=1e-12)
+    np.testing.assert_allclose(reg.weights, np.full(120, 1 / 120))
+    assert read_measure(out / "full_reg.csv").n == 120
+    with open(out / "m.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 240 and set(rows[0]) == {"source", "target", "weight"}
+    assert all(0 <= int(r["target"]) < 100 and float(r["weight"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--apply", "a.npy"], 2, "--apply-out"),
+        (["--top-k", "3"], 2, "--top-k"),
+        (["--field", "reg.npy"], 2, "same file"),
+        (["--out", "a.npy"], 1, "a.npy"),
+    ],
+)
+def test_cli_match_usage_errors_write_nothing(tmp_path, extra, code, message):
+    x, y = ellipses(20, 20)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["match", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "reg.npy"]
+    args += [tmp_path / e if e.endswith(".npy") else e for e in extra]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == code and message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), x)
