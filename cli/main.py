@@ -68,10 +68,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import distance, match, warmup
+    from . import distance, flow, match, warmup
 
     distance.register(app)
     match.register(app)
+    flow.register(app)
     warmup.register(app)
 
 

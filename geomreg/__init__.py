@@ -18,6 +18,7 @@ __all__ = [
     "ParameterError",
     "__version__",
     "divergence",
+    "flow",
     "match",
 ]
 
@@ -34,3 +35,10 @@ def match(*args, **kwargs):
     from .registration import match as _match
 
     return _match(*args, **kwargs)
+
+
+def flow(*args, **kwargs):
+    """The Euler gradient flow of a divergence; see :func:`.registration.flow`."""
+    from .registration import flow as _flow
+
+    return _flow(*args, **kwargs)

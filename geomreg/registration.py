@@ -10,6 +10,8 @@ other points through the softmin extension of the dual potentials
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +106,134 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
         rest = {k: v for k, v in kwargs.items() if k not in ("b", "a")}
         after = divergence(registered, getattr(y, "points", y), a=plan.a[0], b=b, **rest)
     return MatchResult(registered, result.field, result, applied, applied_field, matches, after)
+
+
+@dataclass(frozen=True)
+class FlowStep:
+    """One step of a gradient flow: the loss at the points entering the step.
+
+    Attributes:
+        index: 0-based step number.
+        loss: the divergence between the current points and the target.
+        rel_decrease: ``(previous loss - loss) / |previous loss|``; None at step 0.
+        elapsed_s: seconds since the flow started.
+        n_iter: Sinkhorn iterations of this evaluation (0 for closed-form losses).
+    """
+
+    index: int
+    loss: float
+    rel_decrease: float | None
+    elapsed_s: float
+    n_iter: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """What :func:`flow` returns.
+
+    Attributes:
+        points: ``(N, D)`` the source points at the end of the flow.
+        steps: one :class:`FlowStep` per evaluation; the last one is at ``points``.
+        stopped: ``"tol"`` (the relative decrease fell to ``tol``) or ``"steps"``.
+        last: the last :class:`~geomreg.results.DivergenceResult` (its value is the final loss).
+    """
+
+    points: torch.Tensor
+    steps: list[FlowStep]
+    stopped: str
+    last: DivergenceResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view: the last divergence's record plus the trajectory."""
+        out = self.last.to_dict()
+        out.pop("schedule", None)
+        out.update(
+            loss_initial=self.steps[0].loss,
+            loss_final=self.steps[-1].loss,
+            n_steps=len(self.steps) - 1,
+            stopped=self.stopped,
+            trajectory=[s.to_dict() for s in self.steps],
+        )
+        return out
+
+
+def flow(
+    x: Any,
+    y: Any,
+    *,
+    lr: float = 0.2,
+    steps: int = 50,
+    tol: float = 1e-3,
+    on_step: Callable[[FlowStep, torch.Tensor], None] | None = None,
+    sinkhorn_tol: float | None = None,
+    **kwargs: Any,
+) -> FlowResult:
+    r"""The Euler gradient flow of a divergence (seed 002).
+
+    Each step is :math:`x_i \leftarrow x_i - \text{lr}\, \nabla_{x_i} L / a_i`; with
+    uniform weights :math:`1/a_i = N`, the seed's ``lr * len(x) * grad``. For sinkhorn the
+    step is ``lr`` times the transport field (``lr = 1`` is one :func:`match`). The defaults
+    (lr 0.2, at most 50 steps, stop when the loss decreases by less than 0.1% in a step)
+    bring unit-scale shapes close at blur 0.05 in a few tens of steps.
+
+    Args:
+        x, y: source and target (points or Measures), one pair.
+        lr: step size (time step of the Euler scheme).
+        steps: most steps.
+        tol: stop when the relative decrease of the loss over a step is below ``tol``.
+        on_step: called with each :class:`FlowStep` and the current points ``(N, D)``.
+        sinkhorn_tol: the ``tol`` of each Sinkhorn evaluation (default: divergence's).
+        **kwargs: loss parameters of :func:`geomreg.divergence` (``loss``, ``blur``, ...).
+
+    Returns:
+        A :class:`FlowResult`; its last step is the loss at the returned points.
+    """
+    import time
+
+    from .api import _resolve_dtype
+    from .measure import Measure
+
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ParameterError("--lr", f"must be a positive number, got {lr}")
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ParameterError("--steps", f"must be an integer >= 0, got {steps}")
+    if not tol >= 0:
+        raise ParameterError("--tol", f"must be >= 0, got {tol}")
+    for key in ("field", "potentials"):
+        kwargs.pop(key, None)
+    a = kwargs.pop("a", None)
+    if isinstance(x, Measure):
+        a = x.weights if a is None else a
+        x = x.points
+    dtype = _resolve_dtype(kwargs.get("dtype"), x, y)
+    pts = (x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)).to(dtype).clone()
+    n = pts.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=dtype) if a is None else torch.as_tensor(a, dtype=dtype)
+    if kwargs.get("normalize", True):
+        w = w / w.sum()
+    inv_w = torch.where(w > 0, 1.0 / w.clamp_min(torch.finfo(dtype).tiny), 0.0)[:, None]
+    start = time.perf_counter()
+    log: list[FlowStep] = []
+    stopped = "steps"
+    for k in range(steps + 1):
+        p = pts.detach().requires_grad_(True)
+        result = divergence(p, y, a=w, **kwargs, **({} if sinkhorn_tol is None else {"tol": sinkhorn_tol}))
+        (grad,) = torch.autograd.grad(result.value, p)
+        loss = result.value.item()
+        prev = log[-1].loss if log else None
+        rel = None if prev is None else (prev - loss) / abs(prev) if prev != 0 else 0.0
+        step = FlowStep(k, loss, rel, time.perf_counter() - start, result.n_iter)
+        log.append(step)
+        if on_step is not None:
+            on_step(step, pts)
+        if rel is not None and rel < tol:
+            stopped = "tol"
+            break
+        if k == steps:
+            break
+        pts = pts - lr * inv_w.to(grad.device) * grad.to(pts)
+    return FlowResult(pts, log, stopped, result)

@@ -118,3 +118,104 @@ def test_cli_match_usage_errors_write_nothing(tmp_path, extra, code, message):
     assert result.exit_code == code and message in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), x)
+
+
+# ----- gradient flows
+
+
+def test_flow_registers_and_stops_when_the_loss_stalls():
+    x, y = ellipses()
+    kw = dict(blur=0.03, dtype="float64", backend="tensorized")
+    r = geomreg.flow(x, y, **kw)
+    losses = [s.loss for s in r.steps]
+    assert losses[-1] < 1e-3 * losses[0] and r.stopped == "steps" and len(r.steps) == 51
+    # the stopping rule: the first step whose relative decrease is below tol ends the flow
+    r = geomreg.flow(x, y, tol=0.3, **kw)
+    assert r.stopped == "tol" and len(r.steps) < 51
+    assert r.steps[-1].rel_decrease < 0.3 <= min(s.rel_decrease for s in r.steps[1:-1])
+
+
+def test_flow_step_is_the_seed_euler_step_and_lr_1_is_match():
+    x, y = ellipses(60, 50)
+    kw = dict(blur=0.05, dtype="float64", backend="tensorized", tol=1e-9)
+    flow_kw = {k: v for k, v in kw.items() if k != "tol"}
+    one = geomreg.flow(x, y, lr=1.0, steps=1, sinkhorn_tol=1e-9, tol=0, **flow_kw)
+    m = geomreg.match(x, y, **kw)
+    assert torch.allclose(one.points, m.registered, atol=1e-9)
+    # the seed's update x - lr * N * grad, for a kernel loss
+    xt = torch.as_tensor(x).requires_grad_(True)
+    (g,) = torch.autograd.grad(geomreg.divergence(xt, y, loss="energy").value, xt)
+    step = geomreg.flow(x, y, loss="energy", lr=0.1, steps=1, tol=0, dtype="float64")
+    assert torch.allclose(step.points, torch.as_tensor(x) - 0.1 * 60 * g, atol=1e-9)
+
+
+def test_flow_refusals():
+    x, y = ellipses(10, 10)
+    for kw, flag in ((dict(lr=0), "--lr"), (dict(steps=-1), "--steps"), (dict(tol=-1), "--tol")):
+        with pytest.raises(ParameterError, match=flag):
+            geomreg.flow(x, y, **kw)
+
+
+def test_cli_flow_writes_frames_log_and_output(tmp_path):
+    x, y = ellipses(80, 70)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    (tmp_path / "frames").mkdir()
+    args = ["flow", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "end.ply",
+            "--steps", "7", "--tol", "0", "--frames", tmp_path / "frames", "--every", "3",
+            "--log", tmp_path / "f.jsonl", "--json"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    data = json.loads(result.stdout)
+    assert data["n_steps"] == 7 and data["stopped"] == "steps" and len(data["trajectory"]) == 8
+    assert data["loss_final"] < data["loss_initial"]
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == ["step_00000.npy", "step_00003.npy", "step_00006.npy", "step_00007.npy"]
+    np.testing.assert_allclose(np.load(tmp_path / "frames" / "step_00007.npy"),
+                               read_measure(tmp_path / "end.ply").points[:, :2], atol=1e-6)
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 8
+
+
+def test_cli_flow_interrupted_writes_no_output(tmp_path, monkeypatch):
+    import geomreg.registration as reg
+
+    x, y = ellipses(40, 30)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    (tmp_path / "frames").mkdir()
+    calls = {"n": 0}
+    real = reg.divergence
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "divergence", interrupted)
+    args = ["flow", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "end.npy",
+            "--frames", tmp_path / "frames", "--log", tmp_path / "f.jsonl"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert not (tmp_path / "end.npy").exists() and not (tmp_path / "f.jsonl").exists()
+    frames = sorted((tmp_path / "frames").iterdir())
+    assert [p.name for p in frames] == ["step_00000.npy", "step_00001.npy"]
+    assert all(np.load(p).shape == (40, 2) for p in frames)  # complete files only
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [(["--every", "0"], 2, "--every"), (["--frame-format", ".vtk"], 2, "--frame-format"),
+     (["--frames", "missing"], 1, "existing folder"), (["--lr", "-1"], 2, "--lr")],
+)
+def test_cli_flow_usage_errors(tmp_path, extra, code, message):
+    x, y = ellipses(10, 10)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    args = ["flow", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "end.npy"]
+    args += [tmp_path / e if e == "missing" else e for e in extra]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == code and message in result.stderr
+    assert not (tmp_path / "end.npy").exists()

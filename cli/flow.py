@@ -1,0 +1,151 @@
+"""``geomreg flow A B --out OUT``: the Euler gradient flow of a divergence (seed 002)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geomreg import defaults
+
+from . import options as o
+from .errors import EXIT_NOT_CONVERGED, handle_errors
+from .output import dumps, err_console, print_data, warn
+
+FRAME_FORMATS = (".npy", ".ply", ".txt", ".csv", ".xyz")
+
+
+def flow(
+    a: o.SourceArg,
+    b: o.TargetArg,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Write A at the end of the flow here: .ply (with A's weights as "
+                     "the vertex property 'weight'), .npy, .txt, .xyz or .csv."),
+    ],
+    loss: o.Loss = "sinkhorn",
+    lr: Annotated[float, typer.Option(help="Step size: x <- x - lr * grad L / a_i (N * grad for "
+                                      "uniform weights).")] = 0.2,
+    steps: Annotated[int, typer.Option(help="Most steps.")] = 50,
+    tol: Annotated[
+        float, typer.Option(help="Stop when the loss decreases by less than this fraction in a step "
+                            "(0: run every step).")
+    ] = 1e-3,
+    frames: Annotated[
+        Path | None, typer.Option(help="Existing folder for intermediate clouds step_00000.npy, ...")
+    ] = None,
+    every: Annotated[int, typer.Option(help="With --frames: write every K-th step (and the last).")] = 1,
+    frame_format: Annotated[
+        str, typer.Option(help="Suffix of the frames: .npy .ply .txt .csv .xyz")
+    ] = ".npy",
+    p: o.P = defaults.P,
+    blur: o.Blur = defaults.BLUR,
+    reach: o.Reach = None,
+    diameter: o.Diameter = None,
+    scaling: o.Scaling = defaults.SCALING,
+    debias: o.Debias = True,
+    sinkhorn_tol: Annotated[
+        float, typer.Option(help="Marginal-error tolerance of each Sinkhorn evaluation (distance's --tol).")
+    ] = defaults.TOL,
+    max_iter: o.MaxIter = defaults.MAX_ITER,
+    backend: o.Backend = "auto",
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    weights_a: o.WeightsA = None,
+    weights_b: o.WeightsB = None,
+    weight_property: o.WeightProperty = None,
+    keep_mass: o.KeepMass = False,
+    log: Annotated[
+        Path | None, typer.Option(help="Write the loss trajectory as JSON lines to this file.")
+    ] = None,
+    json_out: o.JsonOut = False,
+    debug: o.Debug = False,
+) -> None:
+    """Move A along the gradient flow of the loss towards B and write where it ends.
+
+    stdout: the final loss (or one JSON object with --json, with the whole trajectory).
+    A progress bar on stderr (in a terminal) shows the step, the loss and the time left.
+    Ctrl-C stops the flow without writing --out (frames already written are complete files);
+    exit code 130.
+    """
+    with handle_errors(debug):
+        from geomreg.errors import OutputError, ParameterError
+        from geomreg.io import check_output, points_writer, read_measure
+        from geomreg.params import check_params
+
+        check_params(loss, p, blur, reach, scaling, sinkhorn_tol, max_iter, diameter)
+        if every < 1:
+            raise ParameterError("--every", f"must be >= 1, got {every}")
+        if frame_format not in FRAME_FORMATS:
+            raise ParameterError("--frame-format", f"one of {', '.join(FRAME_FORMATS)}, not {frame_format!r}")
+        if frames is not None and not frames.is_dir():
+            raise OutputError(str(frames), "--frames must be an existing folder")
+        inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
+        outputs = [f for f in (out, log) if f is not None]
+        for f in outputs:
+            check_output(f, protect=inputs)
+        points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+
+        mu = read_measure(a, weights=weights_a, weight_property=weight_property)
+        nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        from geomreg.registration import flow as run_flow
+
+        on_step, progress = _observer(steps, every, frames, frame_format, mu.weights, inputs)
+        with progress:
+            result = run_flow(
+                mu, nu, lr=lr, steps=steps, tol=tol, on_step=on_step, loss=loss, p=p, blur=blur,
+                reach=reach, diameter=diameter, scaling=scaling, debias=debias, sinkhorn_tol=sinkhorn_tol,
+                max_iter=max_iter, backend=backend, device=device, dtype=dtype, normalize=not keep_mass,
+            )
+        last = result.steps[-1].index
+        if frames is not None and last % every and last != steps:  # the final frame, once
+            on_step(result.steps[-1], result.points)
+        _write(result, mu, out=out, log=log, protect=inputs)
+        record = result.to_dict()
+        record.update(a=str(a), b=str(b), out=str(out))
+        print_data(dumps(record) if json_out else repr(result.steps[-1].loss))
+        if not result.last.converged:
+            warn(f"the last Sinkhorn evaluation did not converge (marginal error "
+                 f"{result.last.marginal_error:.3g} > --sinkhorn-tol {sinkhorn_tol:g})")
+            raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+def _observer(steps, every, frames, suffix, weights, inputs):
+    """The per-step callback (frames, progress bar) and the progress context."""
+    import contextlib
+
+    from geomreg.io import atomic_write, points_writer
+
+    console = err_console()
+    bar = None
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("flow step {task.completed}/{task.total}"), BarColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console)
+        task = bar.add_task("flow", total=steps, loss="...")
+
+    def on_step(step, points):
+        if bar is not None:
+            bar.update(task, completed=step.index, loss=f"{step.loss:.4g}")
+        if frames is not None and (step.index % every == 0 or step.index == steps):
+            path = frames / f"step_{step.index:05d}{suffix}"
+            pts = points.detach().cpu().double().numpy()
+            atomic_write(path, points_writer(path, pts, weights), protect=inputs)
+
+    return on_step, (bar if bar is not None else contextlib.nullcontext())
+
+
+def _write(result, mu, *, out, log, protect) -> None:
+    from geomreg.io import atomic_write_many, points_writer, text_writer
+
+    jobs = [(out, points_writer(out, result.points.detach().cpu().double().numpy(), mu.weights))]
+    if log is not None:
+        jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
+    atomic_write_many(jobs, protect=protect)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("flow")(flow)
