@@ -20,7 +20,8 @@ def match(
     out: Annotated[
         Path,
         typer.Option("--out", help="Write A moved by the field here: .ply (with A's weights as the "
-                     "vertex property 'weight'), .npy, .txt, .xyz or .csv."),
+                     "vertex property 'weight'), .npy, .txt, .xyz or .csv. Two images: .png (A's "
+                     "density transported onto B's pixels, dark is mass) or .npy (that density)."),
     ],
     field: Annotated[
         Path | None, typer.Option(help="Write the displacement field v (N, D) here (.npy): REG = A + v.")
@@ -59,6 +60,8 @@ def match(
     weights_a: o.WeightsA = None,
     weights_b: o.WeightsB = None,
     weight_property: o.WeightProperty = None,
+    mass: o.Mass = "dark",
+    as_image: o.AsImage = False,
     keep_mass: o.KeepMass = False,
     verbose: o.Verbose = False,
     log: o.Log = None,
@@ -89,12 +92,16 @@ def match(
             raise ParameterError("--out", "two outputs name the same file")
         for f in outputs:
             check_output(f, protect=inputs)
-        points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if out.suffix.lower() != ".png":
+            points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
         if apply_out is not None:
             points_writer(apply_out, [[0.0]])
 
-        mu = read_measure(a, weights=weights_a, weight_property=weight_property)
-        nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        read = dict(weight_property=weight_property, mass=mass, as_image=as_image)
+        mu = read_measure(a, weights=weights_a, **read)
+        nu = read_measure(b, weights=weights_b, **read)
+        if out.suffix.lower() == ".png" and (mu.grid is None or nu.grid is None or len(nu.grid.shape) != 2):
+            raise ParameterError("--out", "a .png output is the density transported between two images")
         other = read_measure(apply) if apply is not None else None
         from geomreg.registration import match as run_match
 
@@ -107,7 +114,7 @@ def match(
         div = result.divergence
         if div.backend_fallback:
             warn(div.backend_fallback)
-        _write(result, mu, other, out=out, field=field, apply_out=apply_out, matches=matches,
+        _write(result, mu, nu, other, out=out, field=field, apply_out=apply_out, matches=matches,
                log=log, protect=inputs)
         if verbose and div.schedule:
             err_console().print(schedule_table(div.schedule))
@@ -120,16 +127,24 @@ def match(
             raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
-def _write(result, mu, other, *, out, field, apply_out, matches, log, protect) -> None:
+def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protect) -> None:
     """All requested files together, atomically (all or none)."""
-    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
+    from geomreg.io import atomic_write_many, density_png_writer, npy_writer, points_writer, text_writer
+
+    from .distance import _per_pixel
 
     def arr(t):
         return t.detach().cpu().double().numpy()
 
-    jobs = [(out, points_writer(out, arr(result.registered), mu.weights))]
+    if result.transported is not None and out.suffix.lower() in (".png", ".npy"):
+        density = nu.grid.to_array(result.transported / nu.grid.spacing ** len(nu.grid.shape))
+        jobs = [(out, (density_png_writer if out.suffix.lower() == ".png" else npy_writer)(density))]
+    elif result.transported is not None:  # the moved pixels with mass, as a weighted cloud
+        jobs = [(out, points_writer(out, arr(result.registered)[mu.grid.mask], mu.weights))]
+    else:
+        jobs = [(out, points_writer(out, arr(result.registered), mu.weights))]
     if field is not None:
-        jobs.append((field, npy_writer(arr(result.field))))
+        jobs.append((field, npy_writer(_per_pixel(mu, arr(result.field)))))
     if apply_out is not None:
         jobs.append((apply_out, points_writer(apply_out, arr(result.applied), other.weights)))
     if matches is not None:

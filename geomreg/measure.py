@@ -43,6 +43,47 @@ class Grid:
         out[self.mask] = values
         return out
 
+    def centres(self) -> np.ndarray:
+        """``(size, D)`` coordinates of every pixel (voxel) centre, in the grid's flat order."""
+        idx = np.stack(np.unravel_index(np.arange(self.size), self.shape), axis=1)
+        pts = np.empty((self.size, len(self.shape)))
+        for k, d in enumerate(self.dims):
+            pts[:, d] = (idx[:, k] + 0.5) * self.spacing
+        return pts
+
+    def splat(self, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Masses at arbitrary ``points (N, D)`` spread onto the pixels, flat ``(size,)``.
+
+        Multilinear splatting: each mass goes to the 2^D pixel centres around its point,
+        with the interpolation weights, so the total mass and the barycentre are kept
+        (points beyond the outer centres are clamped onto them).
+        """
+        pts, w = np.asarray(points, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+        out = np.zeros(self.shape)
+        # continuous index along each array axis, clamped to the centres' range
+        pos = [np.clip(pts[:, d] / self.spacing - 0.5, 0, n - 1)
+               for d, n in zip(self.dims, self.shape, strict=True)]
+        lo = [np.minimum(np.floor(q).astype(int), n - 2) if n > 1 else np.zeros(len(q), int)
+              for q, n in zip(pos, self.shape, strict=True)]
+        frac = [q - f for q, f in zip(pos, lo, strict=True)]
+        for corner in np.ndindex(*(2,) * len(self.shape)):
+            share = w.copy()
+            index = []
+            for k, bit in enumerate(corner):
+                n = self.shape[k]
+                share *= frac[k] if bit else 1 - frac[k]
+                index.append(np.minimum(lo[k] + bit, n - 1))
+            np.add.at(out, tuple(index), share)
+        return out.reshape(-1)
+
+    def measure(self, flat: np.ndarray, source: str) -> Measure:
+        """The measure of per-pixel masses ``flat (size,)`` on this grid (pixels with mass kept)."""
+        mask = np.flatnonzero(flat > 0)
+        if mask.size == 0:
+            raise InputError(source, "no pixel has mass")
+        grid = Grid(self.shape, self.spacing, mask, self.dims)
+        return Measure(self.centres()[mask], flat[mask], source, grid)
+
     def to_array(self, flat: np.ndarray) -> np.ndarray:
         """A flat per-pixel array shaped like the input file.
 

@@ -37,6 +37,10 @@ class MatchResult:
             source point and their transport-plan weights, or None.
         after: the divergence between the registered points and the target (same
             parameters), or None when not asked for.
+        transported: density images (grid backend): the source's masses moved by the
+            field and splatted onto the target's pixels, flat in the target grid's order
+            (:meth:`~geomreg.measure.Grid.splat`); else None. ``registered`` and ``field``
+            then cover every pixel of the source grid.
     """
 
     registered: torch.Tensor
@@ -46,6 +50,7 @@ class MatchResult:
     applied_field: torch.Tensor | None = None
     matches: tuple[torch.Tensor, torch.Tensor] | None = None
     after: DivergenceResult | None = None
+    transported: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view: the divergence's record plus the field's size and the result's."""
@@ -89,9 +94,10 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
     for key in ("field", "potentials"):
         kwargs.pop(key, None)
     result = divergence(x, y, field=True, **kwargs)
+    if result.plan is None and result.grid is not None:
+        return _match_images(x, y, result, apply, top_k, evaluate_after, kwargs)
     if result.plan is None:
-        raise ParameterError("--backend", "match needs one pair of point clouds on a point backend "
-                             "(images: use --backend tensorized, online or multiscale)")
+        raise ParameterError("--backend", "match needs one pair of clouds (not a batch)")
     plan = result.plan
     points = plan.x[0] + plan.centre
     registered = points + result.field
@@ -106,6 +112,23 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
         rest = {k: v for k, v in kwargs.items() if k not in ("b", "a")}
         after = divergence(registered, getattr(y, "points", y), a=plan.a[0], b=b, **rest)
     return MatchResult(registered, result.field, result, applied, applied_field, matches, after)
+
+
+def _match_images(x, y, result, apply, top_k, evaluate_after, kwargs) -> MatchResult:
+    """:func:`match` between two density images (or volumes) solved on their grids."""
+    if apply is not None or top_k is not None:
+        flag = "--apply" if apply is not None else "--top-k"
+        raise ParameterError(flag, "not for density images on the grid backend; "
+                             "use --backend tensorized, online or multiscale")
+    gx, gy = x.grid, y.grid
+    field = result.field
+    registered = torch.as_tensor(gx.centres(), dtype=field.dtype) + field.cpu()
+    masses = gx.full(x.weights)
+    moved = gy.splat(registered.double().numpy(), masses)
+    after = None
+    if evaluate_after:
+        after = divergence(gy.measure(moved, "transported density"), y, **kwargs)
+    return MatchResult(registered, field, result, after=after, transported=moved)
 
 
 @dataclass(frozen=True)

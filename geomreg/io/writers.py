@@ -241,6 +241,25 @@ def points_writer(path: str | os.PathLike, points, weights=None) -> Callable[[st
     return _save
 
 
+def density_png_writer(density: np.ndarray) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write`: a 2-D density as an 8-bit gray PNG, dark is mass.
+
+    gray = 255 (1 - density / max): the densest pixel is black, pixels without mass white,
+    the convention the image reader uses by default (``--mass dark``).
+    """
+    d = np.clip(np.asarray(density, dtype=np.float64), 0, None)
+    top = d.max()
+    gray = np.rint(255 * (1 - d / top)) if top > 0 else np.full(d.shape, 255.0)
+    img = gray.astype(np.uint8)
+
+    def _save(tmp: str) -> None:
+        import imageio.v3 as iio
+
+        iio.imwrite(tmp, img, extension=".png")
+
+    return _save
+
+
 def text_writer(text: str) -> Callable[[str], None]:
     """A ``write_fn`` for :func:`atomic_write`: writes ``text`` as UTF-8."""
 
