@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: geomreg distance on the sample data, every loss, then the JSON of one run.
+# `make demo`: geomreg distance on the sample data, every loss, images, match and flow, then the JSON of one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=.venv/bin/geomreg
@@ -18,8 +18,17 @@ echo "== per-point weights: spiral_a weighted by sample_data/spiral_a_weights.np
 $G distance "$A" "$B" --weights-a sample_data/spiral_a_weights.npy
 
 echo
-echo "== density images: sample_data/blob_a.png vs blob_b.png"
+echo "== density images on their pixel grids: sample_data/blob_a.png vs blob_b.png"
 $G distance sample_data/blob_a.png sample_data/blob_b.png --blur 0.02
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+echo
+echo "== registration: match (one transport map) and flow (50 Euler steps), S before / after"
+$G match "$A" "$B" --out "$OUT/matched.ply" --evaluate --json | .venv/bin/python -c '
+import json, sys; r = json.load(sys.stdin); print("match", r["value"], "->", r["divergence_after"])'
+$G flow "$A" "$B" --out "$OUT/flowed.ply" --json | .venv/bin/python -c '
+import json, sys; r = json.load(sys.stdin); print("flow ", r["loss_initial"], "->", r["loss_final"], "in", r["n_steps"], "steps")'
 
 echo
 echo "== the eps-scaling log and the JSON result of one run"
