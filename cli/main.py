@@ -69,10 +69,12 @@ def _root(
 
 def _register_commands() -> None:
     from . import distance, flow, match, warmup
+    from . import register as register_cmd
 
     distance.register(app)
     match.register(app)
     flow.register(app)
+    register_cmd.register_command(app)
     warmup.register(app)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "divergence",
     "flow",
     "match",
+    "register",
 ]
 
 
@@ -42,3 +43,10 @@ def flow(*args, **kwargs):
     from .registration import flow as _flow
 
     return _flow(*args, **kwargs)
+
+
+def register(*args, **kwargs):
+    """Fit a rigid, similarity or affine transform; see :func:`.registration.register`."""
+    from .registration import register as _register
+
+    return _register(*args, **kwargs)

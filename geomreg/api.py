@@ -217,7 +217,8 @@ def divergence(
         from .transport import TransportPlan
 
         plan = TransportPlan(engine, Cost(p, cost), out.plan["eps"], xs.detach(), ys.detach(),
-                             a_t.detach(), out.plan["h_ab"], out.plan["h_aa"], centre)
+                             a_t.detach(), out.plan["h_ab"], out.plan["h_aa"], centre,
+                             out.plan["f_ba"], out.plan["rho"])
     disp = None
     if out.field is not None:
         disp = out.field if batched else out.field[0]

@@ -49,6 +49,18 @@ class TransportPlan:
     h_ab: torch.Tensor
     h_aa: torch.Tensor | None
     centre: torch.Tensor
+    f_ba: torch.Tensor | None = None
+    rho: float | None = None
+
+    def row_mass(self) -> torch.Tensor:
+        r"""``(N,)``: the mass each source point sends, :math:`\sum_j \pi_{ij}`.
+
+        :math:`a_i` for balanced problems; :math:`a_i e^{-f_i/\rho}` for unbalanced ones
+        (points without a counterpart, outliers or the part outside an overlap, send little).
+        """
+        if self.rho is None or self.f_ba is None:
+            return self.a[0]
+        return self.a[0] * torch.exp(-self.f_ba[0] / self.rho)
 
     def field_at(self, points: Any, name: str = "--apply") -> torch.Tensor:
         """``(K, D)``: the displacement field at ``points (K, D)`` (input coordinates).

@@ -260,3 +260,65 @@ def test_match_images_transports_the_density(tmp_path):
     bad = runner.invoke(app, [str(s) for s in ["match", tmp_path / "v.npy", SAMPLE / "blob_b.png",
                                                 "--out", tmp_path / "x.png"]])
     assert bad.exit_code in (1, 2) and not (tmp_path / "x.png").exists()
+
+
+# ----- global transforms (register)
+
+
+def _rotation(deg, axis):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(deg)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def _bunny():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "clouds" / "pycpd" / "bunny_source.txt"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    x = read_measure(path).points
+    return (x - x.mean(0)) / np.linalg.norm(x.max(0) - x.min(0))
+
+
+@pytest.mark.parametrize("deg", [30, 150])
+def test_register_rigid_recovers_large_rotations(deg):
+    x = _bunny()
+    rot, shift = _rotation(deg, [1, 2, 0.5]), np.array([0.1, -0.05, 0.2])
+    r = geomreg.register(x, x @ rot.T + shift, dtype="float64")
+    lin, t = r.matrix[:3, :3].numpy(), r.matrix[:3, 3].numpy()
+    angle = np.rad2deg(np.arccos(np.clip((np.trace(lin.T @ rot) - 1) / 2, -1, 1)))
+    assert angle < 0.2 and np.linalg.norm(t - shift) < 1e-3
+    np.testing.assert_allclose(lin @ lin.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(r.registered.numpy(), x @ lin.T + t, atol=1e-12)
+
+
+def test_register_similarity_and_affine_in_2d():
+    g = np.random.default_rng(3)  # three blobs of different sizes: no symmetry
+    x = np.concatenate([g.normal(c, s, size=(n, 2)) for c, s, n in
+                        (([0.3, 0.3], 0.05, 100), ([0.7, 0.4], 0.08, 60), ([0.4, 0.75], 0.03, 40))])
+    sim = 1.4 * np.array([[np.cos(0.5), -np.sin(0.5)], [np.sin(0.5), np.cos(0.5)]])
+    r = geomreg.register(x, x @ sim.T + [0.2, 0.1], model="similarity", dtype="float64", blur=0.02)
+    assert np.abs(r.matrix[:2, :2].numpy() - sim).max() < 0.02
+    aff = np.array([[1.2, 0.3], [-0.1, 0.8]])
+    r = geomreg.register(x, x @ aff.T + [0.05, -0.1], model="affine", dtype="float64", blur=0.02)
+    assert np.abs(r.matrix[:2, :2].numpy() - aff).max() < 0.03
+
+
+def test_cli_register_writes_the_matrix_that_reproduces_the_output(tmp_path):
+    x, _ = ellipses(150, 10)
+    x = x + 0.03 * np.random.default_rng(4).normal(size=x.shape) * [1, 0.2]
+    rot = np.array([[np.cos(1.0), -np.sin(1.0)], [np.sin(1.0), np.cos(1.0)]])
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", x @ rot.T + [0.3, 0.0])
+    args = ["register", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "reg.npy",
+            "--transform", tmp_path / "T.txt", "--json"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 0, result.stderr
+    t4 = np.loadtxt(tmp_path / "T.txt")
+    assert t4.shape == (4, 4)
+    reg = np.load(tmp_path / "reg.npy")
+    hom = np.c_[x, np.zeros(len(x)), np.ones(len(x))] @ t4.T
+    np.testing.assert_allclose(hom[:, :2], reg, atol=1e-12)  # REG = T . A
+    np.testing.assert_allclose(t4[:2, :2], rot, atol=0.02)
+    bad = runner.invoke(app, [str(s) for s in ["register", tmp_path / "a.npy", tmp_path / "b.npy"]])
+    assert bad.exit_code == 2 and "--out" in bad.stderr

@@ -318,7 +318,8 @@ def sinkhorn_loss(
         engine_info=None if levels is None else levels.info,
         field=None if disp is None else disp.detach(),
         plan={"eps": eps, "h_ab": (b_log + g_ab / eps).detach(),
-              "h_aa": (a_log + f_aa / eps).detach() if debias else None},
+              "h_aa": (a_log + f_aa / eps).detach() if debias else None,
+              "f_ba": f_ba_final.detach(), "rho": rho},
     )
 
 

@@ -1,0 +1,103 @@
+"""``geomreg register A B --model rigid --out REG --transform T.txt``: fit a global transform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geomreg import defaults
+
+from . import options as o
+from .errors import handle_errors
+from .output import dumps, print_data
+
+
+def register(
+    a: o.SourceArg,
+    b: o.TargetArg,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write T . A here: .ply (with A's weights), .npy, .txt, .xyz or .csv."),
+    ] = None,
+    transform: Annotated[
+        Path | None,
+        typer.Option(help="Write the 4 x 4 homogeneous matrix T (four whitespace-separated rows) here; "
+                     "REG = T . A in A's and B's own coordinates (2-D clouds: z is left alone)."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="rigid, similarity (rigid + scale) or affine.")] = "rigid",
+    blur: o.Blur = defaults.BLUR,
+    reach: o.Reach = None,
+    levels: Annotated[
+        int, typer.Option(help="Blur levels, from a quarter of the diameter down to --blur.")
+    ] = 4,
+    fits: Annotated[int, typer.Option(help="Transform fits per level.")] = 4,
+    p: o.P = defaults.P,
+    tol: o.Tol = defaults.TOL,
+    backend: o.Backend = "auto",
+    device: o.Device = "auto",
+    weights_a: o.WeightsA = None,
+    weights_b: o.WeightsB = None,
+    weight_property: o.WeightProperty = None,
+    keep_mass: o.KeepMass = False,
+    json_out: o.JsonOut = False,
+    debug: o.Debug = False,
+) -> None:
+    """Fit the rigid (similarity, affine) transform that moves A onto B; no initial guess needed.
+
+    Each fit pairs every point of A with the barycentre the Sinkhorn plan sends it to, weighted
+    by the mass it sends, and solves the transform in closed form; blurs go coarse to fine and
+    several starting orientations are tried (the identity and the principal-axis alignments).
+    stdout: the final divergence (or one JSON object with --json, with the matrix).
+    """
+    with handle_errors(debug):
+        from geomreg.errors import ParameterError
+        from geomreg.io import check_output, points_writer, read_measure, text_writer
+
+        if out is None and transform is None and not json_out:
+            raise ParameterError("--out", "give --out, --transform or --json (nothing would be written)")
+        inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
+        outputs = [f for f in (out, transform) if f is not None]
+        for f in outputs:
+            check_output(f, protect=inputs)
+        if out is not None:
+            points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        mu = read_measure(a, weights=weights_a, weight_property=weight_property)
+        nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        if mu.dim > 3:
+            raise ParameterError("--model", f"register works in 1 to 3 dimensions, not {mu.dim}")
+        from geomreg.registration import register as run_register
+
+        result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
+                              p=p, tol=tol, backend=backend, device=device, dtype="float64",
+                              normalize=not keep_mass)
+        t4 = _homogeneous_4x4(result.matrix.numpy())
+        jobs = []
+        if out is not None:
+            jobs.append((out, points_writer(out, result.registered.numpy(), mu.weights)))
+        if transform is not None:
+            jobs.append((transform, text_writer("".join(" ".join(repr(float(v)) for v in row) + "\n"
+                                                        for row in t4))))
+        if jobs:
+            from geomreg.io import atomic_write_many
+
+            atomic_write_many(jobs, protect=inputs)
+        record = result.to_dict()
+        record.update(matrix_4x4=t4.tolist(), a=str(a), b=str(b), blur=blur, reach=reach)
+        print_data(dumps(record) if json_out else repr(result.value))
+
+
+def _homogeneous_4x4(m):
+    """A (D+1) x (D+1) homogeneous matrix as 4 x 4 (missing axes untouched)."""
+    import numpy as np
+
+    d = m.shape[0] - 1
+    t4 = np.eye(4)
+    t4[:d, :d], t4[:d, 3] = m[:d, :d], m[:d, d]
+    return t4
+
+
+def register_command(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("register")(register)
