@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/bench_dense.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_grid.py
+	$(PY) bench/bench_register.py
 
 lint: setup
 	$(VENV)/bin/ruff check geomreg cli tests bench
