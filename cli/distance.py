@@ -17,6 +17,7 @@ from .output import (
     err_console,
     grid_summary,
     multiscale_summary,
+    per_pixel,
     print_data,
     schedule_table,
     warn,
@@ -182,35 +183,18 @@ def _write_outputs(result, measures, *, log, potentials, field, protect) -> None
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.schedule))))
     if potentials is not None:
         for m, t, side in zip(measures, result.potentials, "ab", strict=True):
-            values = _per_pixel(m, t.detach().cpu().double().numpy())
+            values = per_pixel(m, t.detach().cpu().double().numpy())
             jobs.append((f"{potentials}_{side}.npy", npy_writer(values)))
             if _is_image(m):
                 jobs.append((f"{potentials}_{side}.png", png_heatmap_writer(values)))
     if field is not None:
-        jobs.append((field, npy_writer(_per_pixel(measures[0], result.field.cpu().double().numpy()))))
+        jobs.append((field, npy_writer(per_pixel(measures[0], result.field.cpu().double().numpy()))))
     if jobs:
         atomic_write_many(jobs, protect=protect)
 
 
 def _is_image(m) -> bool:
     return m.grid is not None and len(m.grid.shape) == 2
-
-
-def _per_pixel(m, values):
-    """Per-point values of a measure, or for images and volumes one per pixel.
-
-    Pixel values are shaped like the input file, NaN on the pixels without mass when only
-    those with mass were computed (a point backend).
-    """
-    import numpy as np
-
-    if m.grid is None:
-        return values
-    if values.shape[0] != m.grid.size:  # a point backend: the pixels with mass only
-        full = np.full((m.grid.size, *values.shape[1:]), np.nan)
-        full[m.grid.mask] = values
-        values = full
-    return m.grid.to_array(values)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,8 +13,6 @@ from . import options as o
 from .errors import EXIT_NOT_CONVERGED, handle_errors
 from .output import dumps, err_console, print_data, warn
 
-FRAME_FORMATS = (".npy", ".ply", ".txt", ".csv", ".xyz")
-
 
 def flow(
     a: o.SourceArg,
@@ -72,13 +70,15 @@ def flow(
     with handle_errors(debug):
         from geomreg.errors import OutputError, ParameterError
         from geomreg.io import check_output, points_writer, read_measure
+        from geomreg.io.writers import POINT_SUFFIXES
         from geomreg.params import check_params
 
         check_params(loss, p, blur, reach, scaling, sinkhorn_tol, max_iter, diameter)
         if every < 1:
             raise ParameterError("--every", f"must be >= 1, got {every}")
-        if frame_format not in FRAME_FORMATS:
-            raise ParameterError("--frame-format", f"one of {', '.join(FRAME_FORMATS)}, not {frame_format!r}")
+        if frame_format not in POINT_SUFFIXES:
+            raise ParameterError("--frame-format",
+                                 f"one of {', '.join(POINT_SUFFIXES)}, not {frame_format!r}")
         if frames is not None and not frames.is_dir():
             raise OutputError(str(frames), "--frames must be an existing folder")
         inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]

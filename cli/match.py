@@ -11,7 +11,7 @@ from geomreg import defaults
 
 from . import options as o
 from .errors import EXIT_NOT_CONVERGED, handle_errors
-from .output import dumps, err_console, print_data, schedule_table, warn
+from .output import dumps, err_console, per_pixel, print_data, schedule_table, warn
 
 
 def match(
@@ -131,8 +131,6 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
     """All requested files together, atomically (all or none)."""
     from geomreg.io import atomic_write_many, density_png_writer, npy_writer, points_writer, text_writer
 
-    from .distance import _per_pixel
-
     def arr(t):
         return t.detach().cpu().double().numpy()
 
@@ -144,7 +142,7 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
     else:
         jobs = [(out, points_writer(out, arr(result.registered), mu.weights))]
     if field is not None:
-        jobs.append((field, npy_writer(_per_pixel(mu, arr(result.field)))))
+        jobs.append((field, npy_writer(per_pixel(mu, arr(result.field)))))
     if apply_out is not None:
         jobs.append((apply_out, points_writer(apply_out, arr(result.applied), other.weights)))
     if matches is not None:

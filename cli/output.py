@@ -101,3 +101,20 @@ def grid_summary(info: dict) -> str:
         "x".join(map(str, a)) + ("" if a == b else " / " + "x".join(map(str, b))) for a, b in info["levels"]
     )
     return f"grid: pyramid levels {levels}; moves to a finer level at steps {info['jump_steps']}"
+
+
+def per_pixel(m, values):
+    """Per-point values of a measure, or for images and volumes one per pixel.
+
+    Pixel values are shaped like the input file, NaN on the pixels without mass when only
+    those with mass were computed (a point backend).
+    """
+    import numpy as np
+
+    if m.grid is None:
+        return values
+    if values.shape[0] != m.grid.size:  # a point backend: the pixels with mass only
+        full = np.full((m.grid.size, *values.shape[1:]), np.nan)
+        full[m.grid.mask] = values
+        values = full
+    return m.grid.to_array(values)

@@ -43,10 +43,11 @@ class Grid:
         out[self.mask] = values
         return out
 
-    def centres(self) -> np.ndarray:
-        """``(size, D)`` coordinates of every pixel (voxel) centre, in the grid's flat order."""
-        idx = np.stack(np.unravel_index(np.arange(self.size), self.shape), axis=1)
-        pts = np.empty((self.size, len(self.shape)))
+    def centres(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """``(K, D)`` coordinates of the pixel (voxel) centres at flat ``indices`` (default: all)."""
+        flat = np.arange(self.size) if indices is None else np.asarray(indices)
+        idx = np.stack(np.unravel_index(flat, self.shape), axis=1)
+        pts = np.empty((len(flat), len(self.shape)))
         for k, d in enumerate(self.dims):
             pts[:, d] = (idx[:, k] + 0.5) * self.spacing
         return pts
@@ -82,7 +83,7 @@ class Grid:
         if mask.size == 0:
             raise InputError(source, "no pixel has mass")
         grid = Grid(self.shape, self.spacing, mask, self.dims)
-        return Measure(self.centres()[mask], flat[mask], source, grid)
+        return Measure(self.centres(mask), flat[mask], source, grid)
 
     def to_array(self, flat: np.ndarray) -> np.ndarray:
         """A flat per-pixel array shaped like the input file.

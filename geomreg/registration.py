@@ -108,10 +108,9 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
         applied = _points(apply, plan.x, "--apply") + applied_field
     matches = plan.matches(top_k) if top_k is not None else None
     after = None
-    if evaluate_after:
-        b = y.weights if hasattr(y, "weights") and kwargs.get("b") is None else kwargs.get("b")
-        rest = {k: v for k, v in kwargs.items() if k not in ("b", "a")}
-        after = divergence(registered, getattr(y, "points", y), a=plan.a[0], b=b, **rest)
+    if evaluate_after:  # the registered points keep the (normalised) source weights
+        rest = {k: v for k, v in kwargs.items() if k != "a"}
+        after = divergence(registered, y, a=plan.a[0], **rest)
     return MatchResult(registered, result.field, result, applied, applied_field, matches, after)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .engine import Backend, Cost
+from .engine.tensorized import squared_distances
 from .errors import InputError, ParameterError
 from .losses.sinkhorn import _barycentres
 
@@ -94,7 +95,7 @@ class TransportPlan:
         with torch.no_grad():
             for r0 in range(0, x.shape[0], _MATCH_ROWS):
                 xr = x[r0 : r0 + _MATCH_ROWS]
-                d2 = ((xr[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+                d2 = squared_distances(xr[None], y[None])[0]
                 logits = h[None] - self.cost.from_sqdist(d2) / self.eps
                 top, j = logits.topk(k, dim=1)
                 share = torch.exp(top - torch.logsumexp(logits, dim=1, keepdim=True))

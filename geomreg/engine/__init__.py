@@ -102,7 +102,7 @@ def get_backend(name: str, **options: float | None) -> Backend:
         )
     accepted = _OPTIONS.get(name, ())
     for key, value in options.items():
-        if value is not None and key not in accepted and key != "layouts":
+        if value is not None and key not in accepted:
             flag = "--" + key.replace("_", "-")
             raise ParameterError(flag, f"applies to the multiscale backend only, not {name}")
     return _REGISTRY[name](**{k: v for k, v in options.items() if k in accepted})

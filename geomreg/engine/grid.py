@@ -115,12 +115,6 @@ class GridLayout:
             t = t.reshape(shape).sum(axis + 1)
         return t.reshape(w.shape[0], -1)
 
-    def same_as(self, other: GridLayout) -> bool:
-        """Whether both layouts have the same nodes in the same order."""
-        return self.dims == other.dims and self.shape == other.shape and all(
-            torch.equal(a, b) for a, b in zip(self.axes, other.axes, strict=True)
-        )
-
 
 def _merge_pairs(a: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 1:

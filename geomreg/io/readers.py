@@ -298,32 +298,23 @@ def _density_grid(arr: np.ndarray, where: str):
     if (density < 0).any():
         raise InputError(where, f"negative density {density.min():g}; densities must be >= 0")
     if density.ndim == 2:
-        return _pixels(density[::-1], where, "array")
+        return _on_grid(density[::-1], where, (1, 0), "density array has no mass (every value is 0)")
+    return _on_grid(density, where, (0, 1, 2), "volume has no mass (every voxel is 0)")
+
+
+def _on_grid(density: np.ndarray, where: str, dims: tuple[int, ...], empty: str):
+    """Points, weights and grid of a density array (an image's row 0 is its bottom row).
+
+    The longest side spans [0, 1]; each cell with positive density becomes a point at its
+    centre, weighing density x cell volume.
+    """
     spacing = 1.0 / max(density.shape)
     flat = density.reshape(-1)
     mask = np.flatnonzero(flat > 0)
     if mask.size == 0:
-        raise InputError(where, "volume has no mass (every voxel is 0)")
-    idx = np.stack(np.unravel_index(mask, density.shape), axis=1)
-    points = (idx + 0.5) * spacing
-    grid = Grid(shape=tuple(density.shape), spacing=spacing, mask=mask, dims=(0, 1, 2))
-    return points, flat[mask] * spacing**3, grid
-
-
-def _pixels(density: np.ndarray, where: str, mode: str):
-    """Points, weights and grid of an image density whose row 0 is the bottom row."""
-    h, w = density.shape
-    spacing = 1.0 / max(h, w)
-    flat = density.reshape(-1)
-    mask = np.flatnonzero(flat > 0)
-    if mask.size == 0:
-        if mode == "array":
-            raise InputError(where, "density array has no mass (every value is 0)")
-        raise InputError(where, f"image has no mass (every pixel is background for --mass {mode})")
-    rows, cols = np.divmod(mask, w)
-    points = np.stack([(cols + 0.5) * spacing, (rows + 0.5) * spacing], axis=1)
-    grid = Grid(shape=(h, w), spacing=spacing, mask=mask)
-    return points, flat[mask] * spacing**2, grid
+        raise InputError(where, empty)
+    grid = Grid(shape=tuple(density.shape), spacing=spacing, mask=mask, dims=dims)
+    return grid.centres(mask), flat[mask] * spacing**density.ndim, grid
 
 
 # ----- open3d (PLY, PCD)
@@ -753,7 +744,8 @@ def _read_image(path: Path, suffix: str, mass: str):
     else:
         density = gray if alpha is None else alpha * gray
     density = np.clip(density, 0.0, 1.0)[::-1]  # row 0 is now the bottom row: +y up
-    return _pixels(density, where, mass)
+    return _on_grid(density, where, (1, 0),
+                    f"image has no mass (every pixel is background for --mass {mass})")
 
 
 def _scale(values: np.ndarray) -> np.ndarray:
