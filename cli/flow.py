@@ -37,6 +37,12 @@ def flow(
     frame_format: Annotated[
         str, typer.Option(help="Suffix of the frames: .npy .ply .txt .csv .xyz")
     ] = ".npy",
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw the flow (.png): A over B at a few steps from the start to the end "
+                     "(2-D; densities in 1-D, projections in 3-D); for two images, A's, B's and "
+                     "the final density on B's pixels."),
+    ] = None,
     p: o.P = defaults.P,
     blur: o.Blur = defaults.BLUR,
     reach: o.Reach = None,
@@ -82,16 +88,27 @@ def flow(
         if frames is not None and not frames.is_dir():
             raise OutputError(str(frames), "--frames must be an existing folder")
         inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
-        outputs = [f for f in (out, log) if f is not None]
+        outputs = [f for f in (out, log, plot) if f is not None]
+        if len({Path(f).resolve() for f in outputs}) < len(outputs):
+            raise ParameterError("--out", "two outputs name the same file")
         for f in outputs:
             check_output(f, protect=inputs)
         points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if plot is not None:
+            from geomreg.plots import check_path
+
+            check_path(plot)
 
         mu = read_measure(a, weights=weights_a, weight_property=weight_property)
         nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        if plot is not None:
+            from geomreg.plots import check_dimension
+
+            check_dimension(mu.dim)
         from geomreg.registration import flow as run_flow
 
-        on_step, progress = _observer(steps, every, frames, frame_format, mu.weights, inputs)
+        snapshots = {} if plot is not None else None
+        on_step, progress = _observer(steps, every, frames, frame_format, mu.weights, inputs, snapshots)
         with progress:
             result = run_flow(
                 mu, nu, lr=lr, steps=steps, tol=tol, on_step=on_step, loss=loss, p=p, blur=blur,
@@ -102,6 +119,9 @@ def flow(
         if frames is not None and last % every and last != steps:  # the final frame, once
             on_step(result.steps[-1], result.points)
         _write(result, mu, out=out, log=log, protect=inputs)
+        if plot is not None:
+            snapshots[last] = result.points.detach().cpu().double().numpy()
+            _plot(plot, snapshots, mu, nu, normalize=not keep_mass, protect=inputs)
         record = result.to_dict()
         record.update(a=str(a), b=str(b), out=str(out))
         print_data(dumps(record) if json_out else repr(result.steps[-1].loss))
@@ -111,8 +131,12 @@ def flow(
             raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
-def _observer(steps, every, frames, suffix, weights, inputs):
-    """The per-step callback (frames, progress bar) and the progress context."""
+def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
+    """The per-step callback (frames, progress bar, snapshots) and the progress context.
+
+    ``snapshots``, a dict or None: filled with ``{step: points}`` at steps 0, 1, 2, 4, 8, ...
+    (a few copies of the cloud, whenever the flow stops), for the --plot picture.
+    """
     import contextlib
 
     from geomreg.io import atomic_write, points_writer
@@ -133,6 +157,9 @@ def _observer(steps, every, frames, suffix, weights, inputs):
             path = frames / f"step_{step.index:05d}{suffix}"
             pts = points.detach().cpu().double().numpy()
             atomic_write(path, points_writer(path, pts, weights), protect=inputs)
+        k = step.index
+        if snapshots is not None and (k & (k - 1)) == 0:  # 0 and the powers of two
+            snapshots[k] = points.detach().cpu().double().numpy().copy()
 
     return on_step, (bar if bar is not None else contextlib.nullcontext())
 
@@ -144,6 +171,24 @@ def _write(result, mu, *, out, log, protect) -> None:
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
     atomic_write_many(jobs, protect=protect)
+
+
+def _plot(path, snapshots, mu, nu, *, normalize, protect) -> None:
+    """The --plot picture: the recorded steps over B, or for two images the final density."""
+    from geomreg.plots import plot_flow, plot_images
+
+    last = max(snapshots)
+    if mu.grid is not None and nu.grid is not None and len(mu.grid.shape) == len(nu.grid.shape) == 2:
+        def density(m, flat, mass):  # per unit area, of a total mass 1 unless --keep-mass
+            return m.grid.to_array(flat / (mass if normalize else 1.0) / m.grid.spacing ** 2)
+
+        moved = nu.grid.splat(snapshots[last], mu.weights)  # A's masses onto B's pixels
+        plot_images(path, density(mu, mu.grid.full(mu.weights), mu.mass),
+                    density(nu, nu.grid.full(nu.weights), nu.mass), density(nu, moved, mu.mass),
+                    protect=protect)
+        return
+    plot_flow(path, sorted(snapshots.items()), nu.points, source_weights=mu.weights,
+              target_weights=nu.weights, protect=protect)
 
 
 def register(app: typer.Typer) -> None:

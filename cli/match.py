@@ -40,6 +40,12 @@ def match(
                      "source,target,weight (indices from 0; weights are transport-plan entries)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Targets per source point in --matches.")] = 1,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw a picture (.png): A, B and an arrow from each point of A to where it "
+                     "goes, over the level lines of the dual potential (2-D; densities in 1-D, "
+                     "projections in 3-D); for two images, A's, B's and the transported density."),
+    ] = None,
     evaluate: Annotated[
         bool, typer.Option("--evaluate", help="Also compute the divergence between REG and B "
                            "(divergence_after in --json; one more Sinkhorn run).")
@@ -87,7 +93,7 @@ def match(
         if matches is None and top_k != 1:
             raise ParameterError("--top-k", "applies to --matches")
         inputs = [a, b] + [f for f in (weights_a, weights_b, apply) if f is not None]
-        outputs = [f for f in (out, field, apply_out, matches, log) if f is not None]
+        outputs = [f for f in (out, field, apply_out, matches, log, plot) if f is not None]
         if len({Path(f).resolve() for f in outputs}) < len(outputs):
             raise ParameterError("--out", "two outputs name the same file")
         for f in outputs:
@@ -96,12 +102,20 @@ def match(
             points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
         if apply_out is not None:
             points_writer(apply_out, [[0.0]])
+        if plot is not None:
+            from geomreg.plots import check_path
+
+            check_path(plot)
 
         read = dict(weight_property=weight_property, mass=mass, as_image=as_image)
         mu = read_measure(a, weights=weights_a, **read)
         nu = read_measure(b, weights=weights_b, **read)
         if out.suffix.lower() == ".png" and (mu.grid is None or nu.grid is None or len(nu.grid.shape) != 2):
             raise ParameterError("--out", "a .png output is the density transported between two images")
+        if plot is not None and not (mu.grid is not None and nu.grid is not None and len(nu.grid.shape) == 2):
+            from geomreg.plots import check_dimension
+
+            check_dimension(mu.dim)
         other = read_measure(apply) if apply is not None else None
         from geomreg.registration import match as run_match
 
@@ -116,6 +130,8 @@ def match(
             warn(div.backend_fallback)
         _write(result, mu, nu, other, out=out, field=field, apply_out=apply_out, matches=matches,
                log=log, protect=inputs)
+        if plot is not None:
+            _plot(plot, result, mu, nu, normalize=not keep_mass, protect=inputs)
         if verbose and div.schedule:
             err_console().print(schedule_table(div.schedule))
         record = result.to_dict()
@@ -155,6 +171,54 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
         steps = result.divergence.schedule
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in steps))))
     atomic_write_many(jobs, protect=protect)
+
+
+def _plot(path, result, mu, nu, *, normalize, protect) -> None:
+    """The --plot picture: three density images for two images, else the point clouds."""
+    from geomreg.plots import plot_images, plot_match
+
+    registered = result.registered.detach().cpu().double().numpy()
+    if result.transported is not None and len(nu.grid.shape) == 2:
+        def density(m, flat, mass):  # per unit area, of a total mass 1 unless --keep-mass
+            return m.grid.to_array(flat / (mass if normalize else 1.0) / m.grid.spacing ** 2)
+
+        plot_images(path, density(mu, mu.grid.full(mu.weights), mu.mass),
+                    density(nu, nu.grid.full(nu.weights), nu.mass),
+                    density(nu, result.transported, mu.mass), protect=protect)
+        return
+    if result.transported is not None:  # volumes: every voxel moved; those with mass are drawn
+        registered = registered[mu.grid.mask]
+    plan = result.divergence.plan
+    plot_match(path, mu.points, nu.points, registered,
+               potential=_potential(plan) if plan is not None and mu.dim == 2 else None,
+               source_weights=mu.weights, target_weights=nu.weights, protect=protect)
+
+
+def _potential(plan):
+    r"""The first variation of the Sinkhorn divergence in the source, as a function of points.
+
+    :math:`\varphi = f_{ab} - f_{aa}` (debiased) or :math:`f_{ab}`, each dual potential
+    extended to any point by its softmin (c-transform), as in
+    :meth:`~geomreg.transport.TransportPlan.field_at`; for p = 2 the field is
+    :math:`v = -\nabla \varphi`. Returns a function from ``(K, D)`` numpy points (input
+    coordinates) to ``(K,)`` values, evaluated in blocks of points.
+    """
+    import numpy as np
+    import torch
+
+    def at(points):
+        z = torch.as_tensor(np.asarray(points), dtype=plan.x.dtype, device=plan.x.device) - plan.centre
+        sm, pair = plan.backend.softmin, plan.backend.pair
+        values = []
+        with torch.no_grad():
+            for block in z.split(1024):
+                f = sm(plan.eps, pair(block[None], plan.y, plan.cost), plan.h_ab)
+                if plan.h_aa is not None:
+                    f = f - sm(plan.eps, pair(block[None], plan.x, plan.cost), plan.h_aa)
+                values.append(f[0])
+        return torch.cat(values).double().cpu().numpy()
+
+    return at
 
 
 def register(app: typer.Typer) -> None:
