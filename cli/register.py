@@ -38,6 +38,18 @@ def register(
         typer.Option(help="Fit on both clouds resampled to one point per cube of this side (evens out "
                      "uneven scan densities, which transport would otherwise match)."),
     ] = None,
+    surface: Annotated[
+        bool,
+        typer.Option("--surface/--no-surface",
+                     help="End with a robust point-to-plane refinement on the full clouds (precise "
+                     "whatever the sampling; picks the start with the largest overlap; never for density "
+                     "images). --no-surface: transport alone, the lowest divergence wins."),
+    ] = True,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw a picture (.png): A, B and T . A (overlays in 2-D, projections in 3-D, "
+                     "densities in 1-D)."),
+    ] = None,
     p: o.P = defaults.P,
     tol: o.Tol = defaults.TOL,
     backend: o.Backend = "auto",
@@ -51,9 +63,11 @@ def register(
 ) -> None:
     """Fit the rigid (similarity, affine) transform that moves A onto B; no initial guess needed.
 
-    Each fit pairs every point of A with the barycentre the Sinkhorn plan sends it to, weighted
-    by the mass it sends, and solves the transform in closed form; blurs go coarse to fine and
-    several starting orientations are tried (the identity and the principal-axis alignments).
+    Transport finds the pose: each fit pairs every point of A with the barycentre the Sinkhorn
+    plan sends it to, weighted by the mass it sends, and solves the transform in closed form;
+    blurs go coarse to fine from several starting orientations (the identity and the
+    principal-axis alignments), on clouds resampled to about 500 points. A robust
+    point-to-plane refinement on the full clouds then makes it precise (--no-surface: skip it).
     stdout: the final divergence (or one JSON object with --json, with the matrix).
     """
     with handle_errors(debug):
@@ -63,19 +77,27 @@ def register(
         if out is None and transform is None and not json_out:
             raise ParameterError("--out", "give --out, --transform or --json (nothing would be written)")
         inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
-        outputs = [f for f in (out, transform) if f is not None]
+        outputs = [f for f in (out, transform, plot) if f is not None]
         for f in outputs:
             check_output(f, protect=inputs)
+        if len({f.resolve() for f in outputs}) < len(outputs):
+            raise ParameterError("--out", "--out, --transform and --plot must name different files")
+        if plot is not None:
+            from geomreg.plots import check_path
+
+            check_path(plot)
         if out is not None:
             points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
         mu = read_measure(a, weights=weights_a, weight_property=weight_property)
         nu = read_measure(b, weights=weights_b, weight_property=weight_property)
         if mu.dim > 3:
             raise ParameterError("--model", f"register works in 1 to 3 dimensions, not {mu.dim}")
+        # density images and volumes fill their space: no surface to refine against
+        surface = surface and mu.grid is None and nu.grid is None
         from geomreg.registration import register as run_register
 
         result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
-                              voxel=voxel,
+                              voxel=voxel, surface=surface,
                               p=p, tol=tol, backend=backend, device=device, dtype="float64",
                               normalize=not keep_mass)
         t4 = _homogeneous_4x4(result.matrix.numpy())
@@ -89,6 +111,11 @@ def register(
             from geomreg.io import atomic_write_many
 
             atomic_write_many(jobs, protect=inputs)
+        if plot is not None:
+            from geomreg.plots import plot_register
+
+            plot_register(plot, mu.points, nu.points, result.registered.numpy(),
+                          source_weights=mu.weights, target_weights=nu.weights, protect=inputs)
         record = result.to_dict()
         record.update(matrix_4x4=t4.tolist(), a=str(a), b=str(b), blur=blur, reach=reach)
         print_data(dumps(record) if json_out else repr(result.value))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
+import imageio
 import numpy as np
 import pytest
 import torch
@@ -198,10 +200,10 @@ def test_cli_flow_interrupted_writes_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reg, "divergence", interrupted)
     args = ["flow", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "end.npy",
-            "--frames", tmp_path / "frames", "--log", tmp_path / "f.jsonl"]
+            "--frames", tmp_path / "frames", "--log", tmp_path / "f.jsonl", "--plot", tmp_path / "f.png"]
     result = runner.invoke(app, [str(s) for s in args])
     assert result.exit_code == 130 and "interrupted" in result.stderr
-    assert not (tmp_path / "end.npy").exists() and not (tmp_path / "f.jsonl").exists()
+    assert not any((tmp_path / f).exists() for f in ("end.npy", "f.jsonl", "f.png"))
     frames = sorted((tmp_path / "frames").iterdir())
     assert [p.name for p in frames] == ["step_00000.npy", "step_00001.npy"]
     assert all(np.load(p).shape == (40, 2) for p in frames)  # complete files only
@@ -311,9 +313,11 @@ def test_cli_register_writes_the_matrix_that_reproduces_the_output(tmp_path):
     np.save(tmp_path / "a.npy", x)
     np.save(tmp_path / "b.npy", x @ rot.T + [0.3, 0.0])
     args = ["register", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "reg.npy",
-            "--transform", tmp_path / "T.txt", "--json"]
+            "--transform", tmp_path / "T.txt", "--json", "--plot", tmp_path / "r.png"]
     result = runner.invoke(app, [str(s) for s in args])
     assert result.exit_code == 0, result.stderr
+    assert imageio.v3.imread(tmp_path / "r.png").std() > 0
+    assert len(json.loads(result.stdout)["overlap_per_start"]) >= 2
     t4 = np.loadtxt(tmp_path / "T.txt")
     assert t4.shape == (4, 4)
     reg = np.load(tmp_path / "reg.npy")
@@ -322,6 +326,9 @@ def test_cli_register_writes_the_matrix_that_reproduces_the_output(tmp_path):
     np.testing.assert_allclose(t4[:2, :2], rot, atol=0.02)
     bad = runner.invoke(app, [str(s) for s in ["register", tmp_path / "a.npy", tmp_path / "b.npy"]])
     assert bad.exit_code == 2 and "--out" in bad.stderr
+    args = ["register", tmp_path / "a.npy", tmp_path / "b.npy", "--json", "--no-surface"]
+    plain = runner.invoke(app, [str(s) for s in args])
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["overlap_per_start"] == []
 
 
 def test_register_voxel_resampling_keeps_mass_and_moves_the_full_cloud():
@@ -341,3 +348,44 @@ def test_register_voxel_resampling_keeps_mass_and_moves_the_full_cloud():
     assert np.rad2deg(np.arccos(np.clip((np.trace(lin.T @ rot) - 1) / 2, -1, 1))) < 2
     with pytest.raises(ParameterError, match="--voxel"):
         geomreg.register(x, x, voxel=-1)
+
+
+def _bumpy(n, seed):
+    """n points on a lumpy closed surface with no symmetry (radius 0.3-0.5), sampled at random."""
+    g = np.random.default_rng(seed)
+    u = g.normal(size=(n, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    r = 0.4 + 0.08 * u[:, 0] * u[:, 1] + 0.06 * np.sin(3 * u[:, 2]) + 0.05 * u[:, 0] ** 3
+    return u * r[:, None]
+
+
+def test_surface_refinement_is_exact_on_one_cloud_and_undoes_a_small_motion():
+    from geomreg.surface import overlap, refine
+
+    x = torch.as_tensor(_bumpy(800, 0))
+    rot = torch.as_tensor(_rotation(8, [1, 0.3, -0.5]))
+    lin, t, iters = refine(x, x, rot, torch.tensor([0.03, 0.0, -0.02], dtype=torch.float64),
+                           [0.2, 0.1, 0.05])
+    assert iters > 3
+    np.testing.assert_allclose(lin.numpy(), np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(t.numpy(), 0, atol=1e-6)
+    assert overlap(x @ lin.T + t, x, 0.05) > 0.999
+    shear = torch.tensor([[1.05, 0.04, 0.0], [0.0, 0.97, 0.03], [0.02, 0.0, 1.0]], dtype=torch.float64)
+    for model, start in (("similarity", 1.05 * rot), ("affine", shear @ rot)):
+        lin, t, _ = refine(x, x, start, torch.zeros(3, dtype=torch.float64), [0.2, 0.1, 0.05], model)
+        np.testing.assert_allclose(lin.numpy(), np.eye(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["subsample", "crop"])
+def test_register_independent_samples_and_partial_overlap(variant):
+    x = _bumpy(2000, 1)
+    y = _bumpy(2000, 2)  # the same surface, sampled independently
+    if variant == "crop":  # 40% of the target gone
+        y = y[np.argsort(y @ [0.6, -0.8, 0.0])[:1200]]
+    rot, shift = _rotation(60, [0.2, 1, -0.4]), np.array([0.1, -0.05, 0.08])
+    r = geomreg.register(x, y @ rot.T + shift, dtype="float64")
+    lin, t = r.matrix[:3, :3].numpy(), r.matrix[:3, 3].numpy()
+    angle = np.rad2deg(np.arccos(np.clip((np.trace(lin.T @ rot) - 1) / 2, -1, 1)))
+    assert angle < 1 and np.linalg.norm(t - shift) < 0.01
+    assert r.voxel is not None and len(r.overlap) == len(r.values)
+    assert max(r.overlap) == r.overlap[r.start]
