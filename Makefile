@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_grid.py
 	$(PY) bench/bench_register.py
+	$(PY) bench/bench_nonrigid.py --plots
 
 lint: setup
 	$(VENV)/bin/ruff check geomreg cli tests bench

@@ -20,8 +20,14 @@ def flow(
     out: Annotated[
         Path,
         typer.Option("--out", help="Write A at the end of the flow here: .ply (with A's weights as "
-                     "the vertex property 'weight'), .npy, .txt, .xyz or .csv."),
+                     "the vertex property 'weight'), .npy, .txt, .xyz or .csv. Two images: .png (A's "
+                     "density at the end, splatted onto B's pixels; dark is mass) or .npy (that density)."),
     ],
+    field: Annotated[
+        Path | None,
+        typer.Option(help="Write the displacement of each point of A, end minus start, as .npy: (N, D); "
+                     "(H, W, 2) for an image (x right, y up; NaN on pixels without mass)."),
+    ] = None,
     loss: o.Loss = "sinkhorn",
     lr: Annotated[float, typer.Option(help="Step size: x <- x - lr * grad L / a_i (N * grad for "
                                       "uniform weights).")] = 0.2,
@@ -88,12 +94,15 @@ def flow(
         if frames is not None and not frames.is_dir():
             raise OutputError(str(frames), "--frames must be an existing folder")
         inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
-        outputs = [f for f in (out, log, plot) if f is not None]
+        outputs = [f for f in (out, field, log, plot) if f is not None]
         if len({Path(f).resolve() for f in outputs}) < len(outputs):
             raise ParameterError("--out", "two outputs name the same file")
         for f in outputs:
             check_output(f, protect=inputs)
-        points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if out.suffix.lower() != ".png":
+            points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if field is not None and field.suffix.lower() != ".npy":
+            raise ParameterError("--field", f"written as .npy, not {field.suffix or field.name!r}")
         if plot is not None:
             from geomreg.plots import check_path
 
@@ -101,6 +110,9 @@ def flow(
 
         mu = read_measure(a, weights=weights_a, weight_property=weight_property)
         nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        images = mu.grid is not None and nu.grid is not None and len(nu.grid.shape) == 2
+        if out.suffix.lower() == ".png" and not images:
+            raise ParameterError("--out", "a .png output is the density transported between two images")
         if plot is not None:
             from geomreg.plots import check_dimension
 
@@ -118,7 +130,7 @@ def flow(
         last = result.steps[-1].index
         if frames is not None and last % every and last != steps:  # the final frame, once
             on_step(result.steps[-1], result.points)
-        _write(result, mu, out=out, log=log, protect=inputs)
+        _write(result, mu, nu if images else None, out=out, field=field, log=log, protect=inputs)
         if plot is not None:
             snapshots[last] = result.points.detach().cpu().double().numpy()
             _plot(plot, snapshots, mu, nu, normalize=not keep_mass, protect=inputs)
@@ -164,10 +176,20 @@ def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
     return on_step, (bar if bar is not None else contextlib.nullcontext())
 
 
-def _write(result, mu, *, out, log, protect) -> None:
-    from geomreg.io import atomic_write_many, points_writer, text_writer
+def _write(result, mu, images_of, *, out, field, log, protect) -> None:
+    """All requested files together, atomically; ``images_of``: B when both inputs are images."""
+    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
 
-    jobs = [(out, points_writer(out, result.points.detach().cpu().double().numpy(), mu.weights))]
+    from .output import density_writer, per_pixel
+
+    end = result.points.detach().cpu().double().numpy()
+    if images_of is not None and out.suffix.lower() in (".png", ".npy"):
+        moved = images_of.grid.splat(end, mu.weights)  # A's masses onto B's pixels
+        jobs = [(out, density_writer(out, images_of.grid, moved))]
+    else:
+        jobs = [(out, points_writer(out, end, mu.weights))]
+    if field is not None:
+        jobs.append((field, npy_writer(per_pixel(mu, end - mu.points))))
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
     atomic_write_many(jobs, protect=protect)

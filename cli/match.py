@@ -145,14 +145,15 @@ def match(
 
 def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protect) -> None:
     """All requested files together, atomically (all or none)."""
-    from geomreg.io import atomic_write_many, density_png_writer, npy_writer, points_writer, text_writer
+    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
+
+    from .output import density_writer
 
     def arr(t):
         return t.detach().cpu().double().numpy()
 
     if result.transported is not None and out.suffix.lower() in (".png", ".npy"):
-        density = nu.grid.to_array(result.transported / nu.grid.spacing ** len(nu.grid.shape))
-        jobs = [(out, (density_png_writer if out.suffix.lower() == ".png" else npy_writer)(density))]
+        jobs = [(out, density_writer(out, nu.grid, result.transported))]
     elif result.transported is not None:  # the moved pixels with mass, as a weighted cloud
         jobs = [(out, points_writer(out, arr(result.registered)[mu.grid.mask], mu.weights))]
     else:

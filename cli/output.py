@@ -118,3 +118,15 @@ def per_pixel(m, values):
         full[m.grid.mask] = values
         values = full
     return m.grid.to_array(values)
+
+
+def density_writer(path, grid, flat):
+    """Writer of masses on an image's (volume's) pixels as a density: ``.png`` or ``.npy``.
+
+    ``flat``: one mass per pixel (:meth:`~geomreg.measure.Grid.splat`'s order); the file holds
+    mass per unit area (volume), shaped like the input, dark is mass in the PNG.
+    """
+    from geomreg.io import density_png_writer, npy_writer
+
+    density = grid.to_array(flat / grid.spacing ** len(grid.shape))
+    return (density_png_writer if str(path).lower().endswith(".png") else npy_writer)(density)

@@ -26,7 +26,10 @@ def register(
         typer.Option(help="Write the 4 x 4 homogeneous matrix T (four whitespace-separated rows) here; "
                      "REG = T . A in A's and B's own coordinates (2-D clouds: z is left alone)."),
     ] = None,
-    model: Annotated[str, typer.Option(help="rigid, similarity (rigid + scale) or affine.")] = "rigid",
+    model: Annotated[
+        str, typer.Option(help="rigid, similarity (rigid + scale), affine, or rigid+flow (rigid, then the "
+                          "Sinkhorn gradient flow of `geomreg flow` with its defaults; T is the rigid part).")
+    ] = "rigid",
     blur: o.Blur = defaults.BLUR,
     reach: o.Reach = None,
     levels: Annotated[

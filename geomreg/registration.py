@@ -10,6 +10,7 @@ other points through the softmin extension of the dual potentials
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,7 +263,7 @@ def flow(
     return FlowResult(pts, log, stopped, result)
 
 
-MODELS = ("rigid", "similarity", "affine")
+MODELS = ("rigid", "similarity", "affine", "rigid+flow")
 #: during register's coarse levels the reach is at least this many blurs
 REACH_PER_BLUR = 3.0
 #: the transport stage runs on clouds resampled to about this many points (``voxel`` unset)
@@ -292,6 +293,8 @@ class RegisterResult:
             surface stage (:func:`geomreg.surface.overlap`); empty without it.
         model: the model fitted.
         voxel: the side of the cubes the transport stage resampled the clouds to, or None.
+        flow: ``rigid+flow``: the gradient flow that moved ``T . x`` on to ``registered``
+            (:func:`flow`); else None.
     """
 
     matrix: torch.Tensor
@@ -304,13 +307,19 @@ class RegisterResult:
     model: str
     overlap: list[float]
     voxel: float | None
+    flow: FlowResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
-        return {"model": self.model, "matrix": self.matrix.tolist(), "value": self.value,
-                "transported": self.transported, "start": self.start, "n_fits": self.n_fits,
-                "values_per_start": self.values, "overlap_per_start": self.overlap,
-                "voxel": self.voxel}
+        out = {"model": self.model, "matrix": self.matrix.tolist(), "value": self.value,
+               "transported": self.transported, "start": self.start, "n_fits": self.n_fits,
+               "values_per_start": self.values, "overlap_per_start": self.overlap,
+               "voxel": self.voxel}
+        if self.flow is not None:
+            f = self.flow.to_dict()
+            keep = ("loss_initial", "loss_final", "n_steps", "stopped", "trajectory")
+            out["flow"] = {k: f[k] for k in keep}
+        return out
 
 
 def register(
@@ -325,6 +334,7 @@ def register(
     starts: str = "auto",
     voxel: float | None = None,
     surface: bool = True,
+    flow_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> RegisterResult:
     r"""Fit the transform of ``model`` that moves ``x`` onto ``y`` (no initial guess needed).
@@ -351,8 +361,25 @@ def register(
     ``COARSE_POINTS`` points are resampled to about that many when the surface stage follows
     (it restores the precision), and used as they are otherwise. ``registered`` is always the
     full source moved by the fitted transform.
+
+    ``model="rigid+flow"``: the rigid fit, then the gradient flow (:func:`flow`, sinkhorn at
+    ``blur``, its defaults or ``flow_options``) from ``T . x`` to ``y`` for what no rigid
+    motion explains; ``matrix`` is the rigid part and ``registered`` where the flow ends.
     """
     from .measure import Measure
+
+    if model == "rigid+flow":
+        rigid = register(x, y, model="rigid", blur=blur, reach=reach, levels=levels, fits=fits,
+                         starts=starts, voxel=voxel, surface=surface, **kwargs)
+        a = kwargs.pop("a", None)
+        if isinstance(x, Measure):
+            a = x.weights if a is None else a
+        options = {k: v for k, v in kwargs.items() if k != "tol"}
+        if "tol" in kwargs:  # the Sinkhorn tolerance (flow's own tol is its stopping rule)
+            options["sinkhorn_tol"] = kwargs["tol"]
+        moved = flow(rigid.registered, y, a=a, blur=blur, reach=reach, **{**options, **(flow_options or {})})
+        return dataclasses.replace(rigid, registered=moved.points.detach().cpu().double(), model=model,
+                                   flow=moved, value=moved.steps[-1].loss)
 
     if model not in MODELS:
         raise ParameterError("--model", f"one of {', '.join(MODELS)}, not {model!r}")

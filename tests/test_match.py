@@ -389,3 +389,51 @@ def test_register_independent_samples_and_partial_overlap(variant):
     assert angle < 1 and np.linalg.norm(t - shift) < 0.01
     assert r.voxel is not None and len(r.overlap) == len(r.values)
     assert max(r.overlap) == r.overlap[r.start]
+
+
+def test_flow_between_images_writes_the_density_and_the_field(tmp_path):
+    a = read_measure(SAMPLE / "blob_a.png")
+    b = read_measure(SAMPLE / "blob_b.png")
+    args = ["flow", SAMPLE / "blob_a.png", SAMPLE / "blob_b.png", "--out", tmp_path / "end.png",
+            "--field", tmp_path / "v.npy", "--blur", "0.03", "--steps", "2", "--lr", "0.8", "--tol", "0",
+            "--json"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    end = read_measure(tmp_path / "end.png")  # the density at the end, on B's pixels
+    assert end.grid.shape == b.grid.shape
+    before = geomreg.divergence(a, b, blur=0.03).value.item()
+    after = geomreg.divergence(end, b, blur=0.03).value.item()
+    assert after < 0.1 * before and after == pytest.approx(record["loss_final"], rel=0.3, abs=1e-5)
+    v = np.load(tmp_path / "v.npy")
+    image = a.grid.to_array(a.grid.full(a.weights))
+    assert v.shape == (*image.shape, 2)
+    assert np.isnan(v[image == 0]).all() and np.isfinite(v[image > 0]).all()
+    assert np.nanmax(np.linalg.norm(v, axis=-1)) > 0.01
+    bad = runner.invoke(app, [str(s) for s in ["flow", tmp_path / "v.npy", SAMPLE / "blob_b.png",
+                                                "--out", tmp_path / "x.png"]])
+    assert bad.exit_code in (1, 2) and not (tmp_path / "x.png").exists()
+
+
+def test_register_rigid_then_flow_explains_what_a_rotation_cannot(tmp_path):
+    x = _bumpy(300, 3)
+    bent = x.copy()
+    bent[:, 2] += 0.15 * bent[:, 0] ** 2  # a bend no rigid motion undoes
+    rot = _rotation(40, [1, 0.5, 0.2])
+    y = bent @ rot.T + [0.05, 0.0, 0.1]
+    rigid = geomreg.register(x, y, dtype="float64")
+    both = geomreg.register(x, y, model="rigid+flow", dtype="float64")
+    np.testing.assert_allclose(both.matrix.numpy(), rigid.matrix.numpy())
+    start = geomreg.divergence(rigid.registered, y, dtype="float64").value.item()
+    assert both.flow is not None and both.flow.steps[0].loss == pytest.approx(start, rel=1e-6)
+    assert both.value == both.flow.steps[-1].loss < 0.3 * start
+    assert not torch.allclose(both.registered, rigid.registered)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    args = ["register", tmp_path / "a.npy", tmp_path / "b.npy", "--model", "rigid+flow", "--json",
+            "--out", tmp_path / "reg.npy"]
+    result = runner.invoke(app, [str(s) for s in args])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["model"] == "rigid+flow" and record["flow"]["loss_final"] < record["flow"]["loss_initial"]
+    np.testing.assert_allclose(np.load(tmp_path / "reg.npy"), both.registered.numpy(), atol=1e-9)
