@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: geomreg distance on the sample data, every loss, images, match and flow, then the JSON of one run.
+# `make demo`: geomreg distance on the sample data, every loss, images, match, flow and register
+# (outputs and pictures in demo_output/), then the JSON of one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=.venv/bin/geomreg
@@ -21,14 +22,27 @@ echo
 echo "== density images on their pixel grids: sample_data/blob_a.png vs blob_b.png"
 $G distance sample_data/blob_a.png sample_data/blob_b.png --blur 0.02
 
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+OUT=demo_output
+mkdir -p "$OUT"
 echo
 echo "== registration: match (one transport map) and flow (50 Euler steps), S before / after"
-$G match "$A" "$B" --out "$OUT/matched.ply" --evaluate --json | .venv/bin/python -c '
+$G match "$A" "$B" --out "$OUT/matched.ply" --plot "$OUT/match.png" --evaluate --json | .venv/bin/python -c '
 import json, sys; r = json.load(sys.stdin); print("match", r["value"], "->", r["divergence_after"])'
-$G flow "$A" "$B" --out "$OUT/flowed.ply" --json | .venv/bin/python -c '
+$G flow "$A" "$B" --out "$OUT/flowed.ply" --plot "$OUT/flow.png" --json | .venv/bin/python -c '
 import json, sys; r = json.load(sys.stdin); print("flow ", r["loss_initial"], "->", r["loss_final"], "in", r["n_steps"], "steps")'
+echo
+echo "== rigid registration: spiral_a against itself turned by 60 degrees about z and shifted"
+.venv/bin/python -c '
+import numpy as np, sys
+from geomreg.io import read_measure
+x = read_measure(sys.argv[1]).points
+c, s = np.cos(np.pi / 3), np.sin(np.pi / 3)
+np.save(sys.argv[2], x @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T + [0.2, -0.1, 0.05])' "$A" "$OUT/turned.npy"
+$G register "$A" "$OUT/turned.npy" --out "$OUT/registered.ply" --transform "$OUT/T.txt" \
+  --plot "$OUT/register.png"
+echo "T.txt (the rotation by 60 degrees: cos = 0.5, sin = 0.866; then the shift):"
+cat "$OUT/T.txt"
+echo "pictures: $OUT/match.png $OUT/flow.png $OUT/register.png"
 
 echo
 echo "== the eps-scaling log and the JSON result of one run"
