@@ -68,9 +68,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import distance, flow, match, warmup
+    from . import batch, distance, flow, match, warmup
     from . import register as register_cmd
 
+    batch.register(app)
     distance.register(app)
     match.register(app)
     flow.register(app)
@@ -93,28 +94,37 @@ def _click_classes(name: str) -> tuple[type, ...]:
     return tuple(c for c in found if isinstance(c, type))
 
 
-def run() -> None:
-    """Console-script entry point: one-line usage errors (exit 2) instead of Click's panel."""
+def dispatch(argv: list[str] | None = None) -> int:
+    """Run one command line (``sys.argv`` when None) and return its exit code.
+
+    Usage errors are one line on stderr (exit 2) instead of Click's panel. ``geomreg batch``
+    runs its jobs through here, so a job is exactly the command a user would type.
+    """
     no_args = _click_classes("NoArgsIsHelpError")
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except no_args as err:  # bare `geomreg`: the help text, on stdout
         sys.stdout.write(err.format_message() + "\n")
-        sys.exit(EXIT_OK)
+        return EXIT_OK
     except _click_classes("UsageError") as err:
         ctx = getattr(err, "ctx", None)
         where = f"{ctx.command_path}: " if ctx is not None else ""
         sys.stderr.write(f"Error: {where}{err.format_message()}\n")
-        sys.exit(EXIT_USAGE)
+        return EXIT_USAGE
     except (typer.Exit, *_click_classes("Exit")) as err:
-        sys.exit(err.exit_code)
+        return err.exit_code
     except (KeyboardInterrupt, *_click_classes("Abort")):
         sys.stderr.write("Error: interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except _click_classes("ClickException") as err:
         sys.stderr.write(f"Error: {err.format_message()}\n")
-        sys.exit(getattr(err, "exit_code", EXIT_USAGE))
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+        return getattr(err, "exit_code", EXIT_USAGE)
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(dispatch())
 
 
 if __name__ == "__main__":

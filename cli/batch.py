@@ -1,0 +1,249 @@
+"""``geomreg batch MANIFEST --out RESULTS.jsonl``: many jobs, one start of Python per worker.
+
+Jobs run on Dask distributed workers: a local cluster of ``--workers`` processes started
+for the run (the default), or an existing cluster (``--scheduler tcp://HOST:PORT``). geomreg
+schedules nothing itself: Dask places the jobs, streams their results back as they finish,
+and re-runs a job whose worker died. Each job is the command line of its row, run through
+the same ``dispatch`` as ``geomreg`` itself with ``--json``; its stdout is its result.
+
+RESULTS gets one JSON line per job, appended and flushed as each finishes (a killed batch
+leaves a valid file): ``id``, ``line``, ``command``, ``status`` (``ok`` when the command
+exits 0, else ``error``), ``exit_code``, ``result`` (the command's JSON object, when it
+printed one), ``error`` (its one-line message), ``time_s``, ``worker``, ``threads``,
+``seed`` and ``versions``. Running the same batch again skips the jobs RESULTS already has;
+``--retry-failed`` runs the failed ones again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import EXIT_DATA, EXIT_OK, handle_errors
+from .manifest import Job
+from .output import dumps, err_console, print_data
+
+
+def run_job(job: Job, threads: int, seed: int) -> dict[str, Any]:
+    """Run one job in this process (a worker) and return its RESULTS record. Never raises."""
+    import contextlib
+    import io
+    import socket
+
+    import numpy as np
+    import torch
+
+    from geomreg.api import versions
+
+    from .main import dispatch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = dispatch(list(job.argv))
+        except BaseException as exc:  # noqa: BLE001 (a worker must report, whatever happened)
+            code = 70
+            err.write(f"Error: internal error: {type(exc).__name__}: {exc}\n")
+    elapsed = time.perf_counter() - start
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    result = None
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            result = None
+    errors = [ln[len("Error: "):] for ln in err.getvalue().splitlines() if ln.startswith("Error: ")]
+    return {
+        "id": job.id, "line": job.line, "command": job.command,
+        "status": "ok" if code == EXIT_OK else "error", "exit_code": code, "result": result,
+        "error": None if code == EXIT_OK else (errors[-1] if errors else f"exit code {code}"),
+        "time_s": elapsed, "worker": f"{socket.gethostname()}:{os.getpid()}", "threads": threads,
+        "seed": seed, "versions": versions(),
+    }
+
+
+def recorded(path: Path) -> dict[str, str]:
+    """The status of every job id already in RESULTS (the last record of an id wins)."""
+    status: dict[str, str] = {}
+    if not path.exists():
+        return status
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for text in fh:
+            try:
+                record = json.loads(text)
+                status[str(record["id"])] = str(record["status"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a killed batch: that job runs again
+    return status
+
+
+def batch(
+    manifest: Annotated[
+        Path, typer.Argument(help="CSV with a header, or JSON lines (.jsonl): one job per row.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="RESULTS.jsonl: one JSON line per job, appended.")],
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes of the local cluster (default: one per CPU core).")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Run on an existing Dask cluster, e.g. tcp://host:8786 (files are "
+                                 "read and written by the workers: use paths they share).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads per job (default: local cores / workers; 1 on a "
+                                 "cluster).")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run again the jobs RESULTS records as failed (those "
+                           "recorded ok are always skipped).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of torch and numpy, set before every job.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Run every job of MANIFEST (distance, match, flow, register rows) and record each in RESULTS.
+
+    Rows are validated before anything runs; a bad row is reported with its line number (exit
+    1). Exit code 0 when every job succeeded, 1 when any failed; a failing job never stops the
+    others. A progress bar (in a terminal) and a summary table go to stderr.
+    """
+    with handle_errors(debug):
+        from geomreg.errors import InputError, ParameterError
+
+        from .manifest import ManifestError, read_manifest
+
+        if workers is not None and workers < 1:
+            raise ParameterError("--workers", f"must be >= 1, got {workers}")
+        if threads is not None and threads < 1:
+            raise ParameterError("--threads", f"must be >= 1, got {threads}")
+        if out.resolve() == manifest.resolve():
+            raise ParameterError("--out", "RESULTS must not be the manifest")
+        if not out.parent.is_dir():
+            raise InputError(str(out), "its folder does not exist")
+        try:
+            jobs = read_manifest(manifest)
+        except ManifestError as err:
+            for problem in err.problems:
+                err_console().print(f"{manifest}: {problem}", markup=False, highlight=False, soft_wrap=True)
+            raise InputError(str(manifest), f"{len(err.problems)} bad row(s), nothing was run") from None
+        done = recorded(out)
+        todo = [j for j in jobs if done.get(j.id) != "ok" and (retry_failed or j.id not in done)]
+        skipped = len(jobs) - len(todo)
+        n_workers = workers or os.cpu_count() or 1
+        per_job = threads or (1 if scheduler else max(1, (os.cpu_count() or 1) // n_workers))
+        start = time.perf_counter()
+        counts = _run(todo, out, scheduler, n_workers, per_job, seed) if todo else {"ok": 0, "error": 0}
+        summary = {"jobs": len(jobs), "ran": len(todo), "ok": counts["ok"], "failed": counts["error"],
+                   "skipped": skipped, "wall_s": time.perf_counter() - start, "out": str(out),
+                   "scheduler": scheduler or f"local, {n_workers} workers x {per_job} threads"}
+        _summary_table(summary)
+        if json_out:
+            print_data(dumps(summary))
+        failed_before = sum(1 for j in jobs if j not in todo and done.get(j.id) != "ok")
+        if counts["error"] or failed_before:
+            raise typer.Exit(EXIT_DATA)
+
+
+def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, threads: int, seed: int) -> dict:
+    """Submit the jobs, append each record to ``out`` as it arrives; counts of ok and error."""
+    import logging
+
+    from distributed import Client, LocalCluster, as_completed
+
+    from geomreg.errors import InputError
+
+    cluster = None
+    try:
+        if scheduler:
+            client = Client(scheduler, timeout="20s")
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+    except (OSError, TimeoutError) as err:
+        where = scheduler or "local cluster"
+        raise InputError(where, f"cannot start or reach the Dask scheduler: {err}") from None
+    counts = {"ok": 0, "error": 0}
+    try:
+        futures = {client.submit(run_job, job, threads, seed, key=f"geomreg-{job.id}", pure=False): job
+                   for job in jobs}
+        with open(out, "a+", encoding="utf-8") as fh, _progress(len(jobs)) as advance:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:  # a line cut short by a killed batch must not swallow the next one
+                fh.seek(fh.tell() - 1)
+                if fh.read(1) != "\n":
+                    fh.write("\n")
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    record = future.result()
+                except Exception as exc:  # noqa: BLE001 (the worker died too often, ...)
+                    record = {"id": job.id, "line": job.line, "command": job.command, "status": "error",
+                              "exit_code": None, "result": None, "error": f"{type(exc).__name__}: {exc}",
+                              "time_s": None, "worker": None, "threads": threads, "seed": seed}
+                fh.write(dumps(record) + "\n")
+                fh.flush()
+                counts[record["status"]] += 1
+                advance(record["status"] == "ok")
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return counts
+
+
+def _progress(total: int):
+    """A context giving ``advance(ok)``: a rich progress bar on stderr when it is a terminal."""
+    import contextlib
+
+    console = err_console()
+
+    @contextlib.contextmanager
+    def bar():
+        if not console.is_terminal:
+            yield lambda ok: None
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        failed = 0
+        with Progress(TextColumn("jobs {task.completed}/{task.total}"), BarColumn(),
+                      TextColumn("failed {task.fields[failed]}"), TextColumn("{task.speed} jobs/s"),
+                      TimeRemainingColumn(), console=console) as progress:
+            task = progress.add_task("batch", total=total, failed=0)
+
+            def advance(ok: bool) -> None:
+                nonlocal failed
+                failed += not ok
+                progress.update(task, advance=1, failed=failed)
+
+            yield advance
+
+    return bar()
+
+
+def _summary_table(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="geomreg batch", show_header=False)
+    rate = summary["ran"] / summary["wall_s"] if summary["wall_s"] > 0 else 0.0
+    for key, value in (("jobs in the manifest", summary["jobs"]), ("run now", summary["ran"]),
+                       ("ok", summary["ok"]), ("failed", summary["failed"]),
+                       ("skipped (already in RESULTS)", summary["skipped"]),
+                       ("wall time", f"{summary['wall_s']:.1f} s ({rate:.2f} jobs/s)"),
+                       ("ran on", summary["scheduler"]), ("results", summary["out"])):
+        table.add_row(key, str(value))
+    err_console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("batch")(batch)
