@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/bench_grid.py
 	$(PY) bench/bench_register.py
 	$(PY) bench/bench_nonrigid.py --plots
+	$(PY) bench/bench_batch.py
 
 lint: setup
 	$(VENV)/bin/ruff check geomreg cli tests bench

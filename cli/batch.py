@@ -153,11 +153,29 @@ def batch(
             raise typer.Exit(EXIT_DATA)
 
 
-def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, threads: int, seed: int) -> dict:
-    """Submit the jobs, append each record to ``out`` as it arrives; counts of ok and error."""
+def local_cluster(workers: int) -> Any:
+    """A Dask ``LocalCluster`` of ``workers`` processes, one job at a time each.
+
+    Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which hands torch's
+    matrices back to the system after every operation: a 1000-point Sinkhorn solve took 0.55 s
+    in such a worker against 0.27 s without it (measured here). geomreg's own cluster leaves
+    it unset; the thread limits Dask also sets (1 per worker) are kept.
+    """
     import logging
 
-    from distributed import Client, LocalCluster, as_completed
+    import dask
+    from distributed import LocalCluster
+
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                            dashboard_address=None, silence_logs=logging.ERROR)
+
+
+def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, threads: int, seed: int) -> dict:
+    """Submit the jobs, append each record to ``out`` as it arrives; counts of ok and error."""
+    from distributed import Client, as_completed
 
     from geomreg.errors import InputError
 
@@ -166,8 +184,7 @@ def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, thread
         if scheduler:
             client = Client(scheduler, timeout="20s")
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+            cluster = local_cluster(workers)
             client = Client(cluster)
     except (OSError, TimeoutError) as err:
         where = scheduler or "local cluster"

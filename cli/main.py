@@ -19,6 +19,7 @@ Heavy packages (torch, open3d) are imported inside commands, so ``geomreg --help
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -94,6 +95,12 @@ def _click_classes(name: str) -> tuple[type, ...]:
     return tuple(c for c in found if isinstance(c, type))
 
 
+@functools.lru_cache(maxsize=1)
+def _command() -> click.Command:
+    """The Click command behind the app, built once (batch workers run many jobs)."""
+    return typer.main.get_command(app)
+
+
 def dispatch(argv: list[str] | None = None) -> int:
     """Run one command line (``sys.argv`` when None) and return its exit code.
 
@@ -102,7 +109,7 @@ def dispatch(argv: list[str] | None = None) -> int:
     """
     no_args = _click_classes("NoArgsIsHelpError")
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = _command().main(args=argv, standalone_mode=False, prog_name="geomreg")
     except no_args as err:  # bare `geomreg`: the help text, on stdout
         sys.stdout.write(err.format_message() + "\n")
         return EXIT_OK
