@@ -40,14 +40,19 @@ def handle_errors(debug: bool = False):
         raise fail("interrupted", EXIT_INTERRUPTED) from None
     except (typer.Exit, click.exceptions.ClickException):
         raise
-    except MemoryError:
+    except Exception as err:  # a bug, or memory: say so in one line, keep the traceback for --debug
         if debug:
             raise
-        raise fail("out of memory; try fewer points or --dtype float32", EXIT_DATA) from None
-    except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
-        if debug:
-            raise
+        if isinstance(err, MemoryError) or _out_of_memory(err):
+            raise fail("out of memory; try fewer points, --dtype float32 or another --backend",
+                       EXIT_DATA) from None
         raise fail(
             f"internal error: {type(err).__name__}: {err} (rerun with --debug for details)",
             EXIT_INTERNAL,
         ) from None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Allocation failures of torch: RuntimeError on the CPU, OutOfMemoryError on CUDA."""
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()

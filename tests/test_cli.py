@@ -1079,3 +1079,24 @@ def test_missing_argument_subprocess(clouds):
     proc = run_cli("distance", clouds["a"])
     assert proc.returncode == 2, proc.stderr[-1000:]
     assert_one_error_line(proc.stderr, "b")
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [(RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                   "you tried to allocate 28331150480 bytes"), 1, "out of memory"),
+     (MemoryError(), 1, "out of memory"),
+     (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), 1, "out of memory"),
+     (RuntimeError("shape mismatch"), 70, "internal error: RuntimeError: shape mismatch")],
+)
+def test_allocation_failures_are_bad_data_not_bugs(tmp_path, monkeypatch, raised, code, words):
+    import geomreg.api
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(geomreg.api, "sinkhorn_loss", fails)
+    np.save(tmp_path / "a.npy", np.zeros((3, 2)))
+    result = CliRunner().invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "a.npy")])
+    assert result.exit_code == code
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ") and words in result.stderr
