@@ -66,3 +66,24 @@ def test_the_corpus_covers_the_readers(corpus):
     suffixes = {p.suffix for p in corpus.values()}
     assert {".ply", ".pcd", ".npy", ".txt", ".xyz", ".png"} <= suffixes
     assert len(corpus) >= 25
+
+
+def test_unreadable_manifests_are_refused_before_anything_runs(tmp_path):
+    bad = {
+        "empty.csv": b"",
+        "header_only.csv": b"command,a,b\n",
+        "nonutf8.csv": b"command,a,b\n\xff\xfe,\x80,\x81\n",
+        "extra_cells.csv": b"command,a,b\ndistance,a.npy,b.npy,oops\n",
+        "not_json.jsonl": b'{"command": "distance", "a": "a.npy"\n',
+        "a_list.jsonl": b'["distance", "a.npy", "b.npy"]\n',
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder.csv").mkdir()
+    for name in [*bad, "folder.csv"]:
+        out = tmp_path / "results.jsonl"
+        result = runner.invoke(app, ["batch", str(tmp_path / name), "--out", str(out)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1, (name, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and name in lines[0], (name, lines)
+        assert "Traceback" not in result.stderr and not out.exists(), name
