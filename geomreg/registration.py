@@ -523,7 +523,8 @@ def _fit(model: str, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor):
     if model == "affine":
         a_mat = (ps * w[:, None]).T @ ps
         b_mat = (ps * w[:, None]).T @ pd
-        lin = torch.linalg.lstsq(a_mat, b_mat).solution.T
+        # gelsd (SVD): the default, gelsy, gave 3 different answers in 200 calls on one 3 x 3 system
+        lin = torch.linalg.lstsq(a_mat, b_mat, driver="gelsd").solution.T
     else:
         cov = (pd * w[:, None]).T @ ps  # sum w dst src^T
         u, sv, vt = torch.linalg.svd(cov)

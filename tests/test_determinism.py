@@ -1,8 +1,7 @@
-"""The same command twice gives the same outputs on the CPU: bit-identical for match and flow.
+"""The same command twice gives bit-identical outputs on the CPU.
 
-register is not bit-identical yet: within one process its transport stage sometimes differs
-in the last bit of a divergence (seen once in six runs), and the surface stage carries that
-to about 1e-11 in T. It is checked to 1e-9 here until the cause is found.
+register's affine fit once used LAPACK's gelsy driver for its least squares, which gave
+different last bits from call to call on the same 3 x 3 system; it now uses gelsd.
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ def test_match_flow_and_register_are_bit_identical_when_run_again(tmp_path):
                             "--matches", f / "m.csv", "--top-k", "2"],
         "flow": lambda f: ["flow", a, b, "--out", f / "end.npy", "--steps", "3", "--tol", "0",
                            "--log", f / "log.jsonl"],
+        "register": lambda f: ["register", a, b, "--out", f / "reg.npy", "--transform", f / "T.txt",
+                               "--model", "affine"],
     }
     for name, make_args in runs.items():
         first, second = _run_twice(tmp_path / name, make_args)
@@ -47,17 +48,3 @@ def test_match_flow_and_register_are_bit_identical_when_run_again(tmp_path):
         strip = [(n, d) for n, d in first if n != "log.jsonl"]  # the log records elapsed times
         assert strip == [(n, d) for n, d in second if n != "log.jsonl"], name
 
-
-def test_register_run_again_agrees_to_1e_9(tmp_path):
-    g = np.random.default_rng(7)
-    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    np.save(a, g.random((300, 3)))
-    np.save(b, g.random((250, 3)) @ np.diag([1.0, 0.6, 0.3]) + 0.2)
-    matrices = []
-    for k in range(3):
-        t = tmp_path / f"T{k}.txt"
-        result = runner.invoke(app, ["register", str(a), str(b), "--transform", str(t), "--model", "affine"])
-        assert result.exit_code == 0, result.stderr
-        matrices.append(np.loadtxt(t))
-    for m in matrices[1:]:
-        np.testing.assert_allclose(m, matrices[0], rtol=0, atol=1e-9)
