@@ -58,8 +58,10 @@ def _lazy_tensor() -> Any:
         quiet = {k: "0" for k in ("PYKEOPS_VERBOSE", "KEOPS_VERBOSE") if k not in os.environ}
         os.environ.update(quiet)  # silences the import-time warnings; restored below
         try:
-            with stdout_to_stderr():
+            with stdout_to_stderr(), _import_lock():
                 import pykeops
+            # pykeops.torch reads files of the build folder that a compiling process writes
+            with stdout_to_stderr(), _folder_lock(Path(pykeops.get_build_folder())):
                 from pykeops.torch import LazyTensor
 
                 pykeops.set_verbose(False)
@@ -68,6 +70,33 @@ def _lazy_tensor() -> Any:
                 os.environ.pop(k, None)
         _state["lazy_tensor"] = LazyTensor
     return _state["lazy_tensor"]
+
+
+@contextlib.contextmanager
+def _import_lock() -> Iterator[None]:
+    """An exclusive lock around the first import of pykeops in each process.
+
+    On a fresh cache, pykeops writes files while it is imported; another process importing it
+    at the same moment read one half-written ("UnpicklingError: pickle data was truncated",
+    seen with three processes starting together). The lock file lives in geomreg's own cache
+    folder (``$XDG_CACHE_HOME/geomreg`` or ``~/.cache/geomreg``), known before pykeops is;
+    where it cannot be created, or without ``fcntl``, there is no lock.
+    """
+    try:
+        import fcntl
+
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geomreg"
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / "pykeops-import.lock", "a")  # noqa: SIM115 - held across the yield
+    except (ImportError, OSError):
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _show_notice() -> None:
@@ -103,15 +132,21 @@ def compile_lock() -> Iterator[None]:
     A file lock (``fcntl.flock``) on ``.geomreg-compile.lock`` in KeOps' build folder; where
     ``fcntl`` does not exist (Windows) it is a no-op.
     """
+    _lazy_tensor()  # pykeops imported: its build folder is known
+    import pykeops
+
+    with _folder_lock(Path(pykeops.get_build_folder())):
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """The exclusive file lock ``.geomreg-compile.lock`` of a KeOps build folder (not reentrant)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    _lazy_tensor()  # pykeops imported: its build folder is known
-    import pykeops
-
-    folder = Path(pykeops.get_build_folder())
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".geomreg-compile.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
