@@ -148,7 +148,8 @@ def batch(
         _summary_table(summary)
         if json_out:
             print_data(dumps(summary))
-        failed_before = sum(1 for j in jobs if j not in todo and done.get(j.id) != "ok")
+        running = {j.id for j in todo}
+        failed_before = sum(1 for j in jobs if j.id not in running and done.get(j.id) != "ok")
         if counts["error"] or failed_before:
             raise typer.Exit(EXIT_DATA)
 

@@ -197,17 +197,14 @@ def _write(result, mu, images_of, *, out, field, log, protect) -> None:
 
 def _plot(path, snapshots, mu, nu, *, normalize, protect) -> None:
     """The --plot picture: the recorded steps over B, or for two images the final density."""
-    from geomreg.plots import plot_flow, plot_images
+    from geomreg.plots import plot_flow
+
+    from .output import plot_image_triple
 
     last = max(snapshots)
     if mu.grid is not None and nu.grid is not None and len(mu.grid.shape) == len(nu.grid.shape) == 2:
-        def density(m, flat, mass):  # per unit area, of a total mass 1 unless --keep-mass
-            return m.grid.to_array(flat / (mass if normalize else 1.0) / m.grid.spacing ** 2)
-
         moved = nu.grid.splat(snapshots[last], mu.weights)  # A's masses onto B's pixels
-        plot_images(path, density(mu, mu.grid.full(mu.weights), mu.mass),
-                    density(nu, nu.grid.full(nu.weights), nu.mass), density(nu, moved, mu.mass),
-                    protect=protect)
+        plot_image_triple(path, mu, nu, moved, normalize=normalize, protect=protect)
         return
     plot_flow(path, sorted(snapshots.items()), nu.points, source_weights=mu.weights,
               target_weights=nu.weights, protect=protect)

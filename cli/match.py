@@ -176,16 +176,13 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
 
 def _plot(path, result, mu, nu, *, normalize, protect) -> None:
     """The --plot picture: three density images for two images, else the point clouds."""
-    from geomreg.plots import plot_images, plot_match
+    from geomreg.plots import plot_match
+
+    from .output import plot_image_triple
 
     registered = result.registered.detach().cpu().double().numpy()
     if result.transported is not None and len(nu.grid.shape) == 2:
-        def density(m, flat, mass):  # per unit area, of a total mass 1 unless --keep-mass
-            return m.grid.to_array(flat / (mass if normalize else 1.0) / m.grid.spacing ** 2)
-
-        plot_images(path, density(mu, mu.grid.full(mu.weights), mu.mass),
-                    density(nu, nu.grid.full(nu.weights), nu.mass),
-                    density(nu, result.transported, mu.mass), protect=protect)
+        plot_image_triple(path, mu, nu, result.transported, normalize=normalize, protect=protect)
         return
     if result.transported is not None:  # volumes: every voxel moved; those with mass are drawn
         registered = registered[mu.grid.mask]

@@ -130,3 +130,18 @@ def density_writer(path, grid, flat):
 
     density = grid.to_array(flat / grid.spacing ** len(grid.shape))
     return (density_png_writer if str(path).lower().endswith(".png") else npy_writer)(density)
+
+
+def plot_image_triple(path, mu, nu, moved, *, normalize, protect) -> None:
+    """The --plot picture of two images: A's, B's and ``moved`` (A's masses on B's pixels).
+
+    Densities per unit area, of a total mass 1 unless --keep-mass (``normalize`` False).
+    """
+    from geomreg.plots import plot_images
+
+    def density(m, flat, mass):
+        return m.grid.to_array(flat / (mass if normalize else 1.0) / m.grid.spacing ** 2)
+
+    plot_images(path, density(mu, mu.grid.full(mu.weights), mu.mass),
+                density(nu, nu.grid.full(nu.weights), nu.mass), density(nu, moved, mu.mass),
+                protect=protect)
