@@ -25,6 +25,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-all: setup
+	$(PY) -m pip install --quiet -e ".[fuzz]"
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup

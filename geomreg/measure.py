@@ -101,7 +101,7 @@ class Measure:
 
     Attributes:
         points: ``(N, D)`` float64 array, finite, N >= 1, D >= 1.
-        weights: ``(N,)`` float64 array, finite, >= 0, positive total mass.
+        weights: ``(N,)`` float64 array, finite, >= 0, positive and finite total mass.
         source: where the measure came from (a file name), used in error messages.
         grid: pixel layout when the measure was read from an image, else None.
     """
@@ -112,11 +112,9 @@ class Measure:
     grid: Grid | None = None
 
     def __post_init__(self):
-        pts = np.asarray(self.points)
         where = self.source
-        if pts.dtype == object or not np.issubdtype(pts.dtype, np.number) or np.issubdtype(
-            pts.dtype, np.complexfloating
-        ):
+        pts = _as_array(self.points, where, "points")
+        if pts.dtype.kind not in _REAL_KINDS:
             raise InputError(where, f"points must be real numbers, found dtype {pts.dtype}")
         if pts.ndim == 1:
             pts = pts[:, None]
@@ -134,7 +132,7 @@ class Measure:
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
             raise InputError(where, f"non-finite coordinate (NaN or inf) at point {row}")
-        w = np.full(n, 1.0 / n) if self.weights is None else np.asarray(self.weights)
+        w = np.full(n, 1.0 / n) if self.weights is None else _as_array(self.weights, where, "weights")
         w = _check_weights(w, n, where)
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "weights", w)
@@ -155,11 +153,22 @@ class Measure:
         return float(self.weights.sum())
 
 
+def _as_array(values, where: str, what: str) -> np.ndarray:
+    """``values`` as an array; ragged or otherwise unconvertible input is an InputError."""
+    try:
+        return np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise InputError(where, f"{what} are not an array of numbers ({exc})") from None
+
+
+#: dtype kinds accepted as real numbers: signed and unsigned integers, floats (not bool,
+#: complex, timedelta (whose NaT would become a finite number), strings or objects)
+_REAL_KINDS = "iuf"
+
+
 def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:
     """Validate a weight vector for N points; returns it as float64 (N,)."""
-    if w.dtype == object or not np.issubdtype(w.dtype, np.number) or np.issubdtype(
-        w.dtype, np.complexfloating
-    ):
+    if w.dtype.kind not in _REAL_KINDS:
         raise InputError(where, f"weights must be real numbers, found dtype {w.dtype}")
     w = np.squeeze(w) if w.ndim > 1 and max(w.shape) == w.size else w
     w = np.atleast_1d(w).astype(np.float64, copy=False)
@@ -170,6 +179,10 @@ def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:
     if (w < 0).any():
         i = int(np.argmax(w < 0))
         raise InputError(where, f"negative weight {w[i]:g} at index {i}; weights must be >= 0")
-    if not w.sum() > 0:
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not total > 0:
         raise InputError(where, "all weights are zero; a measure needs positive total mass")
+    if not np.isfinite(total):
+        raise InputError(where, "the weights add up to more than the largest float (overflow); rescale them")
     return w

@@ -7,8 +7,10 @@ no other exception escapes :func:`read_measure` or :func:`read_weights`.
 Supported suffixes (case-insensitive):
 
 * ``.npy``: a numeric ``(N, D)`` array, or ``(N,)`` for N points in 1-D.
-* ``.ply``, ``.pcd``: read with open3d (3-D points); ``.ply`` vertex properties can serve
-  as weights (``weight_property``).
+* ``.ply``, ``.pcd``: 3-D points (ASCII, binary, and for PCD binary_compressed); ``.ply``
+  vertex properties can serve as weights (``weight_property``). Both are parsed here, not by
+  open3d: every declared count is checked against the bytes that must hold it before anything
+  is allocated, and a file that ends early or disagrees with its header is refused.
 * ``.xyz``, ``.pts``: text clouds, the first three numbers of each row are x y z (extra
   columns such as colours are ignored); a ``.pts`` file may start with a point count.
 * ``.txt``, ``.csv``: one point per line, numbers separated by whitespace or commas.
@@ -22,13 +24,18 @@ is its density times its area, so a fully dark unit-square image has mass 1.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
+import struct
+import tokenize
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .._stdio import stdout_to_stderr
 from ..errors import GeomregError, InputError, ParameterError
 from ..measure import Grid, Measure, _check_weights
 
@@ -48,6 +55,8 @@ _PLY_TYPES = {
     "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
     "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
 }  # fmt: skip
+_PLY_SIZES = {t: np.dtype(t).itemsize for t in set(_PLY_TYPES.values())}
+_PLY_STRUCT = {"i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "f4": "f", "f8": "d"}
 _HEADER_LIMIT = 1 << 20  # bytes searched for the end of a PLY/PCD header
 
 
@@ -137,7 +146,7 @@ def read_measure(
         elif suffix in TEXT_SUFFIXES:
             points = _read_text_points(path)
         else:
-            points, prop_weights, grid = _read_image(path, suffix, mass)
+            points, prop_weights, grid = _read_image(path, suffix, mass, size)
     except GeomregError:
         raise
     except MemoryError:
@@ -258,6 +267,7 @@ def _load_npy(path: Path) -> np.ndarray:
                 "save a numeric array with np.save instead",
             )
         raise InputError(where, "not a .npy file (it lacks the NumPy header)")
+    _check_npy_size(path)
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode=None)
     except ValueError as exc:
@@ -277,6 +287,54 @@ def _load_npy(path: Path) -> np.ndarray:
     if arr.dtype.kind not in "iuf":
         raise InputError(where, f"expected real numbers, found dtype {arr.dtype}")
     return arr
+
+
+#: the largest .npy header numpy reads (``np.load``'s default ``max_header_size``)
+_NPY_MAX_HEADER = 10000
+
+
+def _check_npy_size(path: Path) -> None:
+    """Refuse a ``.npy`` file whose header declares more data than the file holds.
+
+    ``np.load`` allocates the declared array before it finds the data missing, so a
+    200-byte file declaring a (10^9, 3) array would ask for 24 GB; it also reads a header
+    of the declared length (up to 4 GB in format 2.0) before checking that length. Both
+    are checked here first.
+    """
+    where = str(path)
+    fmt = np.lib.format
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(12)
+        version = tuple(head[6:8])
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise InputError(where, f"unsupported .npy format version {'.'.join(map(str, version))}")
+        width = 2 if version == (1, 0) else 4
+        if len(head) < 8 + width:
+            raise InputError(where, "truncated .npy: the file ends within its header")
+        length = int.from_bytes(head[8 : 8 + width], "little")
+        if length > _NPY_MAX_HEADER or 8 + width + length > size:
+            raise InputError(where, f"corrupt .npy: it declares a {length}-byte header "
+                             f"(the file has {size} bytes)")
+        fh.seek(8)
+        try:
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            else:  # 3.0 has 2.0's layout (its header is UTF-8)
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+        except (ValueError, EOFError, OSError, SyntaxError, TypeError, tokenize.TokenError,
+                RecursionError) as exc:  # numpy parses the header with tokenize and ast
+            raise InputError(where, f"could not read as .npy (corrupt?): {_short(exc)}") from None
+        start = fh.tell()
+    if dtype.hasobject:
+        return  # refused by np.load as pickled data
+    need = math.prod(shape) * dtype.itemsize
+    if need > size - start:
+        raise InputError(
+            where,
+            f"truncated .npy: the header declares shape {_short(str(shape), 60)} of {dtype} "
+            f"({need} bytes) but the file holds {size - start} bytes of data",
+        )
 
 
 def _npy_points(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -305,51 +363,24 @@ def _density_grid(arr: np.ndarray, where: str):
 def _on_grid(density: np.ndarray, where: str, dims: tuple[int, ...], empty: str):
     """Points, weights and grid of a density array (an image's row 0 is its bottom row).
 
-    The longest side spans [0, 1]; each cell with positive density becomes a point at its
-    centre, weighing density x cell volume.
+    The longest side spans [0, 1]; each cell with positive mass (density x cell volume)
+    becomes a point at its centre, weighing that mass. A density so small that its mass
+    underflows to 0 counts as no mass, so that the grid's mask and the weights agree.
     """
     spacing = 1.0 / max(density.shape)
     flat = density.reshape(-1)
-    mask = np.flatnonzero(flat > 0)
+    mass = flat * spacing**density.ndim
+    mask = np.flatnonzero(mass > 0)
     if mask.size == 0:
+        if (flat > 0).any():
+            raise InputError(where, "every density is too small: its mass (density x cell volume) "
+                             "underflows to 0")
         raise InputError(where, empty)
     grid = Grid(shape=tuple(density.shape), spacing=spacing, mask=mask, dims=dims)
-    return grid.centres(mask), flat[mask] * spacing**density.ndim, grid
+    return grid.centres(mask), mass[mask], grid
 
 
-# ----- open3d (PLY, PCD)
-
-
-def _import_open3d(path: Path):
-    """Import open3d, or explain how to make it importable."""
-    try:
-        with stdout_to_stderr():
-            import open3d
-    except Exception as exc:  # ImportError, or OSError for a missing libusb
-        raise InputError(
-            str(path),
-            f"cannot read {path.suffix.lower()} files: open3d is not usable ({_short(exc, 80)});"
-            " install the system library libusb-1.0-0 (e.g. `sudo apt-get install "
-            "libusb-1.0-0`) and `pip install open3d`",
-        ) from None
-    return open3d
-
-
-@contextlib.contextmanager
-def _quiet_open3d(o3d):
-    """Silence open3d below errors and keep its output off stdout."""
-    util = o3d.utility
-    try:
-        old = util.get_verbosity_level()
-    except Exception:
-        old = None
-    util.set_verbosity_level(util.VerbosityLevel.Error)
-    try:
-        with stdout_to_stderr():
-            yield
-    finally:
-        if old is not None:
-            util.set_verbosity_level(old)
+# ----- PLY, PCD (parsed here: every count is checked against the bytes that hold it)
 
 
 @dataclass
@@ -362,7 +393,8 @@ class _PlyElement:
         return any(not isinstance(t, str) for _, t in self.props)
 
     def stride(self) -> int:
-        return sum(np.dtype(t).itemsize for _, t in self.props)
+        """Bytes per item; for items with lists, the least possible (every list empty)."""
+        return sum(np.dtype(t if isinstance(t, str) else t[1]).itemsize for _, t in self.props)
 
 
 @dataclass
@@ -388,20 +420,19 @@ def _corrupt(path: Path, kind: str, detail: str = "") -> InputError:
     return InputError(str(path), f"{msg}: {detail}" if detail else msg)
 
 
+_PLY_END = re.compile(rb"\nend_header[ \t]*(\r\n|\n|\r|$)")
+
+
 def _parse_ply_header(path: Path) -> _PlyHeader:
     """Parse a PLY header (format, elements and their properties)."""
     with open(path, "rb") as fh:
         head = fh.read(_HEADER_LIMIT)
     if not head.startswith(b"ply"):
         raise _corrupt(path, "PLY", "the file does not start with 'ply'")
-    end = head.find(b"\nend_header") + 1  # 0 when missing
-    if end <= 0:
+    found = _PLY_END.search(head)
+    if found is None:
         raise _corrupt(path, "PLY", "no 'end_header' line")
-    length = end + len(b"end_header")
-    if head[length : length + 2] == b"\r\n":
-        length += 2
-    elif head[length : length + 1] in (b"\n", b"\r"):
-        length += 1
+    end, length = found.start() + 1, found.end()
     fmt = None
     elements: list[_PlyElement] = []
     lines = head[:end].decode("latin-1").splitlines()
@@ -429,7 +460,7 @@ def _parse_ply_header(path: Path) -> _PlyHeader:
             else:
                 raise ValueError(f"unknown keyword {words[0]!r}")
         except (IndexError, KeyError, ValueError) as exc:
-            raise _corrupt(path, "PLY", f"bad header line {k} {line.strip()!r} ({exc})") from None
+            raise _corrupt(path, "PLY", f"bad header line {k} {_short(line, 60)!r} ({exc})") from None
     if fmt is None:
         raise _corrupt(path, "PLY", "no 'format' line in the header")
     return _PlyHeader(fmt, length, elements)
@@ -443,30 +474,8 @@ def _ascii_rows(path: Path, offset: int) -> list[bytes]:
     return [ln for ln in body.splitlines() if ln.strip()]
 
 
-def _check_ply_complete(path: Path, header: _PlyHeader, size: int) -> None:
-    """Raise if the file ends before the last vertex (open3d would not say so)."""
-    vertex = header.vertex()
-    before = header.before_vertex()
-    if header.fmt == "ascii":
-        rows = _ascii_rows(path, header.length)
-        skip = sum(e.count for e in before)
-        have = max(0, min(len(rows) - skip, vertex.count))
-        last_ok = True
-        if have == vertex.count and vertex.count and not vertex.has_lists():
-            last_ok = len(rows[skip + vertex.count - 1].split()) >= len(vertex.props)
-        if have < vertex.count or not last_ok:
-            raise _corrupt(path, "PLY", f"the file ends after {have} of {vertex.count} vertices")
-        return
-    if vertex.has_lists() or any(e.has_lists() for e in before):
-        return  # sizes vary; rely on open3d
-    start = header.length + sum(e.count * e.stride() for e in before)
-    need = start + vertex.count * vertex.stride()
-    if size < need:
-        have = max(0, (size - start) // max(vertex.stride(), 1))
-        raise _corrupt(path, "PLY", f"the file ends after {have} of {vertex.count} vertices")
-
-
 def _read_ply(path: Path, size: int, weight_property: str | None):
+    """Points (N, 3) and, when asked, one scalar vertex property of a PLY file."""
     where = str(path)
     header = _parse_ply_header(path)
     vertex = header.vertex()
@@ -482,88 +491,247 @@ def _read_ply(path: Path, size: int, weight_property: str | None):
             where,
             f"no vertex property {weight_property!r}; available: {', '.join(names)}",
         )
-    _check_ply_complete(path, header, size)
-    o3d = _import_open3d(path)
-    with _quiet_open3d(o3d):
-        pcd = o3d.io.read_point_cloud(str(path), format="ply")
-    points = np.array(pcd.points, dtype=np.float64)
-    if points.shape[0] != vertex.count:
-        if vertex.count == 0:
-            raise InputError(where, "0 points; a point cloud needs at least 1")
-        raise _corrupt(path, "PLY", f"open3d read {points.shape[0]} of {vertex.count} vertices")
-    weights = None
-    if weight_property is not None:
-        weights = _ply_property(path, header, weight_property, o3d)
-    return points, weights
-
-
-def _ply_property(path: Path, header: _PlyHeader, name: str, o3d) -> np.ndarray:
-    """One per-vertex property as a float64 (N,) array."""
-    vertex = header.vertex()
-    kind = dict(vertex.props)[name]
-    if not isinstance(kind, str):
-        raise InputError(str(path), f"vertex property {name!r} is a list, not one number")
-    try:
-        with _quiet_open3d(o3d):
-            tpcd = o3d.t.io.read_point_cloud(str(path))
-        if name in tpcd.point:
-            values = tpcd.point[name].numpy()
-            if values.shape[0] == vertex.count and values.size == vertex.count:
-                return values.reshape(-1).astype(np.float64)
-    except Exception:  # fall back on our own reading below
-        pass
-    return _ply_column(path, header, name)
-
-
-def _ply_column(path: Path, header: _PlyHeader, name: str) -> np.ndarray:
-    """Read one scalar vertex property straight from the file."""
-    vertex = header.vertex()
-    before = header.before_vertex()
-    if vertex.has_lists() or any(e.has_lists() for e in before):
-        raise InputError(str(path), f"cannot read vertex property {name!r}: the vertex block has lists")
-    col = [n for n, _ in vertex.props].index(name)
+    wanted = ["x", "y", "z"] + ([weight_property] if weight_property is not None else [])
+    columns = [names.index(name) for name in wanted]  # the first property of each name
+    for name, col in zip(wanted, columns, strict=True):
+        if not isinstance(vertex.props[col][1], str):
+            raise InputError(where, f"vertex property {name!r} is a list, not one number")
     if header.fmt == "ascii":
-        skip = sum(e.count for e in before)
-        rows = _ascii_rows(path, header.length)[skip : skip + vertex.count]
-        values = [row.split()[col] for row in rows]
-        return np.array([float(v) for v in values], dtype=np.float64)
+        table = _ply_ascii_vertices(path, header, columns)
+    else:
+        table = _ply_binary_vertices(path, header, size, columns)
+    if vertex.count == 0:
+        raise InputError(where, "0 points; a point cloud needs at least 1")
+    weights = table[:, 3].copy() if weight_property is not None else None
+    return np.ascontiguousarray(table[:, :3]), weights
+
+
+def _ply_truncated(path: Path, element: _PlyElement, have: int) -> InputError:
+    unit = "vertices" if element.name == "vertex" else f"'{element.name}' items"
+    return _corrupt(path, "PLY", f"the file ends after {have} of {element.count} {unit}")
+
+
+def _ply_binary_vertices(path: Path, header: _PlyHeader, size: int, columns: list) -> np.ndarray:
+    """The vertex properties at ``columns`` of a binary PLY file, as a float64 (N, K) table."""
     order = "<" if header.fmt == "binary_little_endian" else ">"
-    dtype = np.dtype([(f"f{i}", order + t) for i, (_, t) in enumerate(vertex.props)])
-    start = header.length + sum(e.count * e.stride() for e in before)
+    vertex = header.vertex()
+    least = header.length  # where the vertices start at the earliest (every list empty)
+    for element in [*header.before_vertex(), vertex]:
+        # refuse counts the file cannot hold before reading (or allocating) anything
+        need = element.count * element.stride()
+        if least + need > size:
+            raise _ply_truncated(path, element, max(0, size - least) // element.stride())
+        least += need
     with open(path, "rb") as fh:
-        fh.seek(start)
-        data = fh.read(vertex.count * dtype.itemsize)
-    block = np.frombuffer(data, dtype=dtype, count=vertex.count)
-    return block[f"f{col}"].astype(np.float64)
+        data = fh.read()
+    pos = header.length
+    for element in header.before_vertex():
+        pos = _ply_walk(path, data, pos, element, order)
+    if not vertex.has_lists():
+        if pos + vertex.count * vertex.stride() > len(data):
+            raise _ply_truncated(path, vertex, max(0, len(data) - pos) // vertex.stride())
+        dtype = np.dtype([(f"f{i}", order + t) for i, (_, t) in enumerate(vertex.props)])
+        block = np.frombuffer(data, dtype=dtype, count=vertex.count, offset=pos)
+        cols = [block[f"f{c}"].astype(np.float64) for c in columns]
+        return np.stack(cols, axis=1).reshape(-1, len(columns))
+    table = np.empty((vertex.count, len(columns)))
+    _ply_walk(path, data, pos, vertex, order, columns, table)
+    return table
+
+
+def _ply_walk(path, data, pos, element, order, columns=(), out=None) -> int:
+    """Step over the items of a binary element with lists; returns the position after them.
+
+    The scalar properties at ``columns`` are stored into the rows of ``out``.
+    """
+    if not element.props:
+        return pos
+    scalars = {c: k for k, c in enumerate(columns)}
+    end = len(data)
+    for i in range(element.count):
+        for p, (name, typ) in enumerate(element.props):
+            if isinstance(typ, str):
+                width = _PLY_SIZES[typ]
+                if pos + width > end:
+                    raise _ply_truncated(path, element, i)
+                if p in scalars:
+                    out[i, scalars[p]] = struct.unpack_from(order + _PLY_STRUCT[typ], data, pos)[0]
+                pos += width
+            else:
+                _, count_type, item_type = typ
+                width = _PLY_SIZES[count_type]
+                if pos + width > end:
+                    raise _ply_truncated(path, element, i)
+                length = struct.unpack_from(order + _PLY_STRUCT[count_type], data, pos)[0]
+                if length < 0:
+                    raise _corrupt(path, "PLY", f"negative list length {length} in {element.name} {i}, "
+                                   f"property {name!r}")
+                pos += width + length * _PLY_SIZES[item_type]
+                if pos > end:
+                    raise _ply_truncated(path, element, i)
+    return pos
+
+
+def _ply_ascii_vertices(path: Path, header: _PlyHeader, columns: list) -> np.ndarray:
+    """The vertex properties at ``columns`` of an ASCII PLY file (one item per line)."""
+    vertex = header.vertex()
+    rows = _ascii_rows(path, header.length)
+    skip = sum(e.count for e in header.before_vertex())
+    block = rows[skip : skip + vertex.count]
+    if len(block) < vertex.count:
+        raise _ply_truncated(path, vertex, len(block))
+    nprops = len(vertex.props)
+    picked = []
+    for i, row in enumerate(block):
+        toks = row.split()
+        if not vertex.has_lists():
+            if len(toks) != nprops:
+                raise _corrupt(path, "PLY", f"vertex {i} has {len(toks)} values, expected {nprops}")
+            picked.append([toks[c] for c in columns])
+            continue
+        at, starts = 0, []
+        for _, typ in vertex.props:
+            starts.append(at)
+            if isinstance(typ, str):
+                at += 1
+            else:
+                try:
+                    length = int(toks[at]) if at < len(toks) else -1
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    raise _corrupt(path, "PLY", f"vertex {i}: bad list length")
+                at += 1 + length
+        if at != len(toks):
+            raise _corrupt(path, "PLY", f"vertex {i} has {len(toks)} values, expected {at}")
+        picked.append([toks[starts[c]] for c in columns])
+    try:
+        return np.array(picked, dtype=np.float64).reshape(-1, len(columns))
+    except ValueError:
+        pass
+    for i, toks in enumerate(picked):
+        for tok in toks:
+            if not _is_number(tok):
+                raise _corrupt(path, "PLY", f"vertex {i}: {_short(repr(tok), 40)} is not a number")
+    raise _corrupt(path, "PLY", "could not convert the vertex values to numbers")
+
+
+_PCD_TYPES = {
+    ("F", 4): "f4", ("F", 8): "f8",
+    ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8",
+    ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8",
+}  # fmt: skip
+_LZF_MAX_RATIO = 90  # LZF turns 3 bytes into at most 264
 
 
 def _read_pcd(path: Path, size: int) -> np.ndarray:
+    """The x, y, z fields of a PCD file (ascii, binary or binary_compressed) as (N, 3)."""
     where = str(path)
     info = _parse_pcd_header(path)
-    count = info["points"]
-    if info["data"] == "binary" and size < info["length"] + count * info["stride"]:
-        have = max(0, (size - info["length"]) // max(info["stride"], 1))
-        raise _corrupt(path, "PCD", f"the file ends after {have} of {count} points")
+    count, names, dtypes, counts = info["points"], info["names"], info["dtypes"], info["counts"]
+    axes = [names.index(a) for a in "xyz"]
     if info["data"] == "ascii":
         rows = [r for r in _ascii_rows(path, info["length"]) if not r.lstrip().startswith(b"#")]
-        have = min(len(rows), count)
-        if have < count or (count and len(rows[count - 1].split()) < info["columns"]):
-            raise _corrupt(path, "PCD", f"the file ends after {have} of {count} points")
-    o3d = _import_open3d(path)
-    with _quiet_open3d(o3d):
-        pcd = o3d.io.read_point_cloud(str(path), format="pcd")
-    points = np.array(pcd.points, dtype=np.float64)
-    if points.shape[0] == 0 and count > 0:
-        raise _corrupt(path, "PCD", "open3d read no points")
-    if points.shape[0] != count:
-        raise _corrupt(path, "PCD", f"open3d read {points.shape[0]} of {count} points")
+        if len(rows) < count:
+            raise _corrupt(path, "PCD", f"the file ends after {len(rows)} of {count} points")
+        width = sum(counts)
+        starts = np.cumsum([0, *counts])
+        picked = []
+        for i, row in enumerate(rows[:count]):
+            toks = row.split()
+            if len(toks) != width:
+                raise _corrupt(path, "PCD", f"point {i} has {len(toks)} values, expected {width}")
+            picked.append([toks[starts[a]] for a in axes])
+        try:
+            points = np.array(picked, dtype=np.float64).reshape(-1, 3)
+        except ValueError:
+            bad = next(t for toks in picked for t in toks if not _is_number(t))
+            raise _corrupt(path, "PCD", f"{_short(repr(bad), 40)} is not a number") from None
+    else:
+        record = [(f"f{i}", "<" + t, (c,)) for i, (t, c) in enumerate(zip(dtypes, counts, strict=True))]
+        stride = np.dtype(record).itemsize
+        start = info["length"]
+        if info["data"] == "binary":
+            if size < start + count * stride:
+                have = max(0, (size - start) // stride)
+                raise _corrupt(path, "PCD", f"the file ends after {have} of {count} points")
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                block = np.frombuffer(fh.read(count * stride), dtype=record, count=count)
+            cols = [block[f"f{a}"][:, 0] for a in axes]
+        else:
+            raw = _pcd_decompress(path, start, size, count * stride)
+            offsets = np.cumsum([0, *(np.dtype(t).itemsize * c for t, c in zip(dtypes, counts, strict=True))])
+            cols = []
+            for a in axes:
+                arr = np.frombuffer(raw, dtype="<" + dtypes[a], count=count * counts[a],
+                                    offset=int(offsets[a]) * count)
+                cols.append(arr.reshape(count, counts[a])[:, 0])
+        points = np.stack([c.astype(np.float64) for c in cols], axis=1).reshape(-1, 3)
     if count == 0:
         raise InputError(where, "0 points; a point cloud needs at least 1")
     return points
 
 
+def _pcd_decompress(path: Path, start: int, size: int, expected: int) -> bytes:
+    """The LZF-compressed data block of a binary_compressed PCD file, uncompressed."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        sizes = fh.read(8)
+        if len(sizes) < 8:
+            raise _corrupt(path, "PCD", "the file ends before the compressed data sizes")
+        packed, unpacked = struct.unpack("<II", sizes)
+        if unpacked != expected:
+            raise _corrupt(path, "PCD", f"the compressed data unpacks to {unpacked} bytes; "
+                           f"the header needs {expected}")
+        if packed > size - start - 8:
+            raise _corrupt(path, "PCD", f"the file ends within the {packed} bytes of compressed data")
+        if unpacked > _LZF_MAX_RATIO * packed:
+            raise _corrupt(path, "PCD", f"{packed} compressed bytes cannot unpack to {unpacked}")
+        data = fh.read(packed)
+    out = _lzf_decompress(data, unpacked)
+    if out is None:
+        raise _corrupt(path, "PCD", "bad LZF-compressed data")
+    return out
+
+
+def _lzf_decompress(data: bytes, size: int) -> bytes | None:
+    """LZF decompression to exactly ``size`` bytes; None for corrupt data."""
+    out = bytearray()
+    i, n = 0, len(data)
+    while i < n:
+        ctrl = data[i]
+        i += 1
+        if ctrl < 32:  # a run of ctrl + 1 literal bytes
+            run = ctrl + 1
+            if i + run > n or len(out) + run > size:
+                return None
+            out += data[i : i + run]
+            i += run
+            continue
+        length = ctrl >> 5
+        if length == 7:
+            if i >= n:
+                return None
+            length += data[i]
+            i += 1
+        if i >= n:
+            return None
+        ref = len(out) - ((ctrl & 0x1F) << 8) - data[i] - 1
+        i += 1
+        length += 2
+        if ref < 0 or len(out) + length > size:
+            return None
+        if ref + length <= len(out):
+            out += out[ref : ref + length]
+        else:  # the copy overlaps what it writes: byte by byte
+            for k in range(length):
+                out.append(out[ref + k])
+    return bytes(out) if len(out) == size else None
+
+
 def _parse_pcd_header(path: Path) -> dict:
-    """Parse the few PCD header fields needed to check that the data is complete."""
+    """Parse a PCD header: fields, their types and sizes, the point count, the data kind."""
     with open(path, "rb") as fh:
         head = fh.read(_HEADER_LIMIT)
     fields: dict[str, list[str]] = {}
@@ -581,25 +749,45 @@ def _parse_pcd_header(path: Path) -> dict:
             break
     if length is None or not fields.get("DATA"):
         raise _corrupt(path, "PCD", "no 'DATA' line in the header")
+    names = fields.get("FIELDS", fields.get("COLUMNS", []))
+    if not {"x", "y", "z"} <= set(names):
+        found = " ".join(names) or "none"
+        raise InputError(str(path), f"PCD fields need x, y and z; found {_short(found, 80)}")
+    k = len(names)
     try:
-        sizes = [int(s) for s in fields.get("SIZE", [])]
-        counts = [int(c) for c in fields.get("COUNT", ["1"] * len(sizes))]
+        sizes = [int(s) for s in fields.get("SIZE", ["4"] * k)]
+        types = [t.upper() for t in fields.get("TYPE", ["F"] * k)]
+        counts = [int(c) for c in fields.get("COUNT", ["1"] * k)]
+        for key, values in (("SIZE", sizes), ("TYPE", types), ("COUNT", counts)):
+            if len(values) != k:
+                raise ValueError(f"{key} has {len(values)} entries for {k} fields")
+        dtypes = []
+        for name, t, s, c in zip(names, types, sizes, counts, strict=True):
+            if (t, s) not in _PCD_TYPES:
+                raise ValueError(f"field {_short(name, 20)!r}: TYPE {_short(t, 10)} SIZE {s} unsupported")
+            if not 1 <= c <= 1 << 16:
+                raise ValueError(f"field {_short(name, 20)!r}: COUNT {c} out of range")
+            dtypes.append(_PCD_TYPES[t, s])
+        area = None
+        if "WIDTH" in fields:
+            area = int(fields["WIDTH"][0]) * int(fields.get("HEIGHT", ["1"])[0])
         if "POINTS" in fields:
             points = int(fields["POINTS"][0])
+            if area is not None and area != points:
+                raise ValueError(f"POINTS {points} but WIDTH x HEIGHT = {area}")
+        elif area is not None:
+            points = area
         else:
-            points = int(fields["WIDTH"][0]) * int(fields.get("HEIGHT", ["1"])[0])
+            raise ValueError("neither POINTS nor WIDTH")
+        if points < 0:
+            raise ValueError(f"negative point count {points}")
+        data = fields["DATA"][0].lower()
+        if data not in ("ascii", "binary", "binary_compressed"):
+            raise ValueError(f"unknown DATA type {_short(data, 20)!r}")
     except (KeyError, IndexError, ValueError) as exc:
         raise _corrupt(path, "PCD", f"bad header ({exc})") from None
-    if "x" not in fields.get("FIELDS", []):
-        found = " ".join(fields.get("FIELDS", [])) or "none"
-        raise InputError(str(path), f"PCD fields need x, y and z; found {found}")
-    return {
-        "data": fields["DATA"][0].lower(),
-        "length": length,
-        "points": points,
-        "stride": sum(s * c for s, c in zip(sizes, counts, strict=False)),
-        "columns": sum(counts),
-    }
+    return {"data": data, "length": length, "points": points, "names": names,
+            "dtypes": dtypes, "counts": counts}
 
 
 # ----- text
@@ -714,7 +902,100 @@ def _read_xyz(path: Path, suffix: str) -> np.ndarray:
 # ----- images
 
 
-def _read_image(path: Path, suffix: str, mass: str):
+#: an image may hold at most this many pixels per byte of file (what deflate can reach for
+#: 8-bit pixels) once it is larger than _IMAGE_FREE_PIXELS; more is a decompression bomb or
+#: a header that lies about the size
+_IMAGE_PIXELS_PER_BYTE = 1032
+_IMAGE_FREE_PIXELS = 1 << 22
+
+
+def _check_image_size(path: Path, size: int) -> None:
+    """Refuse, from the header alone, images too large for their file and multi-frame files.
+
+    Decoding allocates the declared width x height before finding the data short, and the
+    density computation needs some 50 bytes per pixel: a few kB of PNG declaring 9000 x 9000
+    pixels would take gigabytes.
+    """
+    from PIL import Image
+
+    where = str(path)
+    with Image.open(path) as im:
+        width, height = im.size
+        frames = getattr(im, "n_frames", 1)
+    pixels = width * height
+    limit = max(_IMAGE_FREE_PIXELS, _IMAGE_PIXELS_PER_BYTE * size)
+    if Image.MAX_IMAGE_PIXELS:
+        limit = min(limit, Image.MAX_IMAGE_PIXELS)
+    if pixels > limit:
+        raise InputError(
+            where,
+            f"the header declares {width} x {height} pixels, more than a {size}-byte file can hold "
+            f"(at most {limit}); corrupt, or a decompression bomb",
+        )
+    if frames != 1:
+        raise InputError(where, f"expected a single image, found {frames} frames (multi-page file)")
+    _check_png_rows(path)
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: Adam7 passes: (first column, first row, column step, row step)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_rows(path: Path) -> None:
+    """Refuse a PNG whose chunks run past its end, or whose image data ends before its last row.
+
+    pillow reads a chunk's declared length in one go (up to 2 GB for a 200-byte file), and
+    stops quietly when the zlib stream ends early, leaving the missing rows 0, i.e. black: a
+    short (but well-formed) stream would read as an image with rows of full mass that are
+    not in the file. Files that are not PNG pass through unchecked.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return
+    pos, header, stream = 8, None, zlib.decompressobj()
+    produced = 0
+    while pos + 8 <= len(data):
+        length, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        if tag == b"IEND":
+            break
+        if pos + 12 + length > len(data):  # pillow would ask for the whole declared length
+            raise InputError(
+                str(path),
+                f"truncated PNG: chunk {tag!r} at byte {pos} declares {length} bytes; "
+                f"{max(0, len(data) - pos - 12)} remain",
+            )
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if tag == b"IHDR" and len(body) >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif tag == b"IDAT" and header is not None:
+            try:  # count the bytes; keep none of them beyond a small window
+                produced += len(stream.decompress(body, 1 << 16))
+                while stream.unconsumed_tail:
+                    produced += len(stream.decompress(stream.unconsumed_tail, 1 << 16))
+            except zlib.error:
+                return  # pillow reports corrupt data itself
+    if header is None or header[3] not in _PNG_CHANNELS:
+        return  # pillow reports a missing or bad header itself
+    width, height, depth, colour, _, _, interlace = header
+    bits = _PNG_CHANNELS[colour] * depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            need += h * (1 + -(-w * bits // 8))
+    if produced < need:
+        raise InputError(
+            str(path),
+            f"truncated PNG: its image data unpacks to {produced} of the {need} bytes that "
+            f"{width} x {height} pixels need (missing rows would read as black)",
+        )
+
+
+def _read_image(path: Path, suffix: str, mass: str, size: int):
     where = str(path)
     try:
         import imageio.v3 as iio
@@ -725,9 +1006,12 @@ def _read_image(path: Path, suffix: str, mass: str):
         ) from None
     kind = suffix.lstrip(".").upper()
     try:
-        # index=... stacks every frame on a leading axis: one frame is the only valid case
-        frames = np.asarray(iio.imread(path, plugin="pillow", index=...))
-    except MemoryError:
+        with warnings.catch_warnings():  # pillow warns about corrupt metadata: refused or not, noise
+            warnings.simplefilter("ignore")
+            _check_image_size(path, size)
+            # index=... stacks every frame on a leading axis: one frame is the only valid case
+            frames = np.asarray(iio.imread(path, plugin="pillow", index=...))
+    except (MemoryError, GeomregError):
         raise
     except Exception as exc:
         detail = _short(exc)
