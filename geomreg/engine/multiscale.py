@@ -50,6 +50,9 @@ from .tensorized import _logsumexp_last, squared_distances
 TILE_ROWS = 256
 #: entries of one dense sub-block computed at once (~2 MiB in float32)
 SUB_BLOCK = 1 << 19
+#: largest memory for the kept columns of one truncated pair (int32 indices); beyond it each
+#: reduction screens the columns again (about 1M points at a tenth of the pairs kept)
+STORED_COLUMNS_BYTES = 1 << 28
 #: default truncation of the Sinkhorn blocks, in units of epsilon, by cost exponent p. A
 #: pair is dropped when its plan weight is below e^-tau of its row's best; the dropped
 #: *mass* is larger, since far pairs are many: in 3-D it is about the tail of a chi-square
@@ -209,6 +212,7 @@ class BlockPair:
     rows: Clusters | None = None
     cols: Clusters | None = None
     kept_pairs: int = 0
+    screen: Screen | None = None
 
     @property
     def row_inverse(self) -> torch.Tensor | None:
@@ -254,63 +258,86 @@ def truncate_pair(
       half as many pairs as the generic one on shifted clouds.
 
     A column is dropped only if no pair of the tile with it reaches ``floor``. The columns'
-    own tiles (octree cells) are screened first with the same bounds over each cell's ball,
-    then the points of the cells that pass, one by one. Every tile keeps at least its best
-    column.
+    own tiles (octree cells) are screened first with the same bounds over each cell's ball
+    (:class:`Screen`), then the points of the cells that pass, one by one, tile by tile.
+    Every tile keeps at least its best column. The kept columns are stored (int32) while
+    they take at most :data:`STORED_COLUMNS_BYTES`; beyond, each reduction screens each
+    tile's columns again (a pass over its candidate columns, cheap beside the block), so
+    memory stays linear in N + M at any size.
     """
-    x, y, cols = pair.x.detach(), pair.y.detach(), pair.cols
-    gs = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device) if g is None else g
-    stats = _tile_stats(x, f, pair.tiles, quadratic)
-    # columns are screened by their own tiles (octree cells of <= TILE_ROWS points)
-    col_tiles = [Tile(r0, r1) for r0, r1 in cols.tiles]
-    col_stats = _tile_stats(y, None, col_tiles, False)
-    col_starts = _starts(torch.tensor([t.r1 - t.r0 for t in col_tiles], device=y.device))
-    g_unit = _segment_max(gs, col_starts)
+    screen = Screen(pair, gap_cost, f, g, floor, quadratic)
+    tiles, kept, stored = [], 0, 0
+    for t, tile in enumerate(pair.tiles):
+        sel = screen.columns(t)
+        kept += (tile.r1 - tile.r0) * (pair.y.shape[0] if sel is None else sel.numel())
+        stored += 0 if sel is None else sel.numel() * 4
+        if stored > STORED_COLUMNS_BYTES:  # too many to store: screen in every reduction
+            tiles = None
+        if tiles is not None:
+            tiles.append(Tile(tile.r0, tile.r1, sel))
+    if tiles is None:
+        return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, screen)
+    return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept)
 
-    def bound(t, w, spread, g_top):
-        """Upper bound of the scores of tiles ``t`` with columns at ``w`` (+- ``spread``)."""
+
+class Screen:
+    """The kept columns of each row tile of a truncated pair (see :func:`truncate_pair`).
+
+    Built once per truncation: the bounds' statistics of the row tiles, and for each row
+    tile the column tiles (octree cells of the sorted columns) whose ball can reach the
+    floor, as a compressed sparse row list. :meth:`columns` then tests the points of those
+    cells one by one for one row tile.
+    """
+
+    def __init__(self, pair: BlockPair, gap_cost, f, g, floor: float, quadratic: bool):
+        x, y, cols = pair.x.detach(), pair.y.detach(), pair.cols
+        self.y, self.floor, self.quadratic, self.gap_cost = y, floor, quadratic, gap_cost
+        self.gs = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device) if g is None else g
+        self.stats = _tile_stats(x, f, pair.tiles, quadratic)
+        col_tiles = [Tile(r0, r1) for r0, r1 in cols.tiles]
+        col_stats = _tile_stats(y, None, col_tiles, False)
+        self.col_starts = _starts(torch.tensor([t.r1 - t.r0 for t in col_tiles], device=y.device))
+        g_unit = _segment_max(self.gs, self.col_starts)
+        # screen (row tile, column tile) pairs, by chunks of row tiles to bound the memory
+        n_tiles, n_cells = len(pair.tiles), len(col_tiles)
+        cells, counts = [], []
+        chunk = max(1, (1 << 22) // max(1, n_cells))
+        for t0 in range(0, n_tiles, chunk):
+            t = torch.arange(t0, min(t0 + chunk, n_tiles), device=x.device)
+            w = col_stats["centre"][None, :, :] - self.stats["centre"][t][:, None, :]
+            score = self.bound(t[:, None], w, col_stats["radius"][None, :], g_unit[None, :])
+            keep = score >= floor
+            keep[torch.arange(len(t)), score.argmax(1)] = True  # every tile keeps a cell
+            cells.append(keep.nonzero(as_tuple=True)[1].to(torch.int32))  # row-major: by tile
+            counts.append(keep.sum(1))
+        self.cells, self.cell_ptr = torch.cat(cells), _starts(torch.cat(counts))
+
+    def bound(self, t, w, spread, g_top):
+        """Upper bound of the scores of row tiles ``t`` with columns at ``w`` (+- ``spread``)."""
+        stats = self.stats
         top, radius = stats["top"][t], stats["radius"][t]
-        if quadratic:
+        if self.quadratic:
             z = (w + stats["beta"][t]).norm(dim=-1) + spread
             psi = torch.where(z <= radius, z * z / 2, radius * z - radius * radius / 2)
             near = (w.norm(dim=-1) - spread).clamp_min(0)
             return top + psi + g_top - near * near / 2
-        return top + g_top - gap_cost((w.norm(dim=-1) - radius - spread).clamp_min(0))
+        return top + g_top - self.gap_cost((w.norm(dim=-1) - radius - spread).clamp_min(0))
 
-    # 1. screen (row tile, column tile) pairs, by chunks of row tiles to bound the memory
-    n_tiles, n_clusters = len(pair.tiles), len(col_tiles)
-    pairs_t, pairs_l = [], []
-    chunk = max(1, (1 << 22) // max(1, n_clusters))
-    for t0 in range(0, n_tiles, chunk):
-        t = torch.arange(t0, min(t0 + chunk, n_tiles), device=x.device)
-        w = col_stats["centre"][None, :, :] - stats["centre"][t][:, None, :]
-        score = bound(t[:, None], w, col_stats["radius"][None, :], g_unit[None, :])
-        keep = score >= floor
-        keep[torch.arange(len(t)), score.argmax(1)] = True  # every tile keeps a cluster
-        tt, ll = keep.nonzero(as_tuple=True)
-        pairs_t.append(t[tt])
-        pairs_l.append(ll)
-    tile_of, cluster_of = torch.cat(pairs_t), torch.cat(pairs_l)
-    # 2. expand to (tile, column) candidates and test each column with its own g_j
-    lo = col_starts[:-1][cluster_of]
-    counts = col_starts[1:][cluster_of] - lo
-    total = int(counts.sum())
-    offsets = torch.cumsum(counts, 0) - counts
-    col = torch.repeat_interleave(lo - offsets, counts, output_size=total)
-    col += torch.arange(total, device=col.device)
-    tile = torch.repeat_interleave(tile_of, counts, output_size=total)
-    score = bound(tile, y[col] - stats["centre"][tile], 0.0, gs[col])
-    ok = score >= floor
-    best = torch.full((n_tiles,), -math.inf, dtype=score.dtype, device=score.device)
-    best = best.scatter_reduce(0, tile, score, reduce="amax")
-    ok |= score == best[tile]  # every tile keeps its best column
-    tile, col = tile[ok], col[ok]
-    per_tile = torch.bincount(tile, minlength=n_tiles).tolist()
-    tiles, kept = [], 0
-    for t, sel in zip(pair.tiles, torch.split(col.to(torch.int32), per_tile), strict=True):
-        tiles.append(Tile(t.r0, t.r1, sel if sel.numel() < y.shape[0] else None))
-        kept += (t.r1 - t.r0) * sel.numel()
-    return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept)
+    def columns(self, t: int) -> torch.Tensor | None:
+        """Sorted indices (int32) of row tile ``t``'s kept columns; None: every column."""
+        cells = self.cells[self.cell_ptr[t] : self.cell_ptr[t + 1]].long()
+        lo = self.col_starts[cells]
+        counts = self.col_starts[cells + 1] - lo
+        total = int(counts.sum())
+        offsets = torch.cumsum(counts, 0) - counts
+        col = torch.repeat_interleave(lo - offsets, counts, output_size=total)
+        col += torch.arange(total, device=col.device)
+        score = self.bound(t, self.y[col] - self.stats["centre"][t], 0.0, self.gs[col])
+        ok = score >= self.floor
+        ok[score.argmax()] = True  # every tile keeps its best column
+        if bool(ok.all()) and total == self.y.shape[0]:
+            return None
+        return col[ok].to(torch.int32)
 
 
 def _tile_stats(x: torch.Tensor, f: torch.Tensor | None, tiles: list[Tile], quadratic: bool) -> dict:
@@ -483,9 +510,10 @@ class MultiscaleBackend(Backend):
         """Run ``block(rows, cols, col_vector) -> (rows,)`` over every tile, in sub-blocks."""
         outs = []
         grad = torch.is_grad_enabled() and (pair.x.requires_grad or pair.y.requires_grad or col.requires_grad)
-        for tile in pair.tiles:
-            yj = pair.y if tile.cols is None else pair.y[tile.cols]
-            cj = col if tile.cols is None else col[tile.cols]
+        for t, tile in enumerate(pair.tiles):
+            cols = tile.cols if pair.screen is None else pair.screen.columns(t)
+            yj = pair.y if cols is None else pair.y[cols]
+            cj = col if cols is None else col[cols]
             step = max(8, SUB_BLOCK // max(1, yj.shape[0]))
             for r0 in range(tile.r0, tile.r1, step):
                 xi = pair.x[r0 : min(r0 + step, tile.r1)]

@@ -74,8 +74,15 @@ def test_tiles_are_compact_octree_cells():
     assert max(radii) < 0.45 and sorted(radii)[len(radii) // 2] < 0.2, sorted(radii)[-5:]
 
 
-def test_truncation_never_drops_a_pair_above_the_floor():
-    """Brute force: every dropped (i, j) of every tile scores below the floor."""
+@pytest.mark.parametrize("stored", [True, False])
+def test_truncation_never_drops_a_pair_above_the_floor(stored, monkeypatch):
+    """Brute force: every dropped (i, j) of every tile scores below the floor.
+
+    ``stored=False``: the kept columns are too many to store (limit 0 bytes), so every
+    reduction screens them again; the same columns must come out.
+    """
+    if not stored:
+        monkeypatch.setattr(ms, "STORED_COLUMNS_BYTES", 0)
     x, y = _clouds(n=700, m=650, seed=4)
     g = torch.Generator().manual_seed(5)
     f, gg = 0.01 * torch.randn(700, generator=g, dtype=F64), 0.01 * torch.randn(650, generator=g, dtype=F64)
@@ -86,13 +93,32 @@ def test_truncation_never_drops_a_pair_above_the_floor():
     eps = 0.002
     cut = be.truncated(full, f[None], gg[None], eps)
     assert 0 < cut.kept_fraction < 0.6
+    assert (cut.screen is None) == stored
     xs, ys, fs, gs = x[rows.perm], y[cols.perm], f[rows.perm], gg[cols.perm]
     score = fs[:, None] + gs[None, :] - ((xs[:, None] - ys[None]) ** 2).sum(-1) / 2
-    for tile in cut.tiles:
+    n_kept = 0
+    for t, tile in enumerate(cut.tiles):
+        sel = tile.cols if stored else cut.screen.columns(t)
+        n_kept += (tile.r1 - tile.r0) * sel.numel()
         kept = torch.zeros(650, dtype=torch.bool)
-        kept[tile.cols.long()] = True
+        kept[sel.long()] = True
         dropped = score[tile.r0 : tile.r1][:, ~kept]
         assert (dropped < -be.sinkhorn_truncate() * eps).all()
+    assert n_kept == cut.kept_pairs
+
+
+def test_screening_in_every_reduction_gives_the_stored_result(monkeypatch):
+    """Past the memory limit for stored columns, values and gradients are unchanged."""
+    x, y = _clouds(n=900, m=800, seed=19)
+    out = {}
+    for limit in (ms.STORED_COLUMNS_BYTES, 0):
+        monkeypatch.setattr(ms, "STORED_COLUMNS_BYTES", limit)
+        xx = x.clone().requires_grad_(True)
+        r = geomreg.divergence(xx, y, backend="multiscale", cluster_scale=0.1, blur=0.03, tol=1e-6)
+        assert r.multiscale["pairs_kept_fraction"]["xy"] < 0.6
+        out[limit] = (r.value.detach(), torch.autograd.grad(r.value, xx)[0])
+    (v1, g1), (v0, g0) = out.values()
+    assert torch.equal(v1, v0) and torch.equal(g1, g0)
 
 
 # ---------------------------------------------------------------- engine operations
