@@ -6,8 +6,11 @@ instead of streaming N x M floats through memory several times.
 
 Squared distances are summed coordinate by coordinate for D <= 8 (exact 0 at
 coincident points, which matters under the square root of p = 1 and of the energy
-kernel: the expansion below leaves ~1e-8 there in float64, ~1e-4 in float32), and by
-:math:`\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle` (one matmul, clamped at 0) in higher dimensions.
+kernel), and by :math:`\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle` (one matmul, clamped at 0) in
+higher dimensions. The expansion alone leaves its rounding error at coincident points
+(~1e-16 |x|^2 in float64, ~1e-7 |x|^2 in float32: a distance of ~1e-8 |x| or ~3e-4 |x|
+under the square root, GeomLoss's defect), so the entries it cannot tell from 0 are
+summed again from coordinate differences: coincident points give exactly 0 in any D.
 """
 
 from __future__ import annotations
@@ -58,13 +61,42 @@ class DensePair:
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(B, N, M)`` squared Euclidean distances between ``x (B, N, D)`` and ``y (B, M, D)``."""
     if x.shape[-1] <= _DIRECT_MAX_DIM:
-        d2 = (x[:, :, None, 0] - y[:, None, :, 0]) ** 2
-        for k in range(1, x.shape[-1]):
-            d2 = d2 + (x[:, :, None, k] - y[:, None, :, k]) ** 2
-        return d2
+        return _direct_squared_distances(x, y)
     xx = (x * x).sum(-1).unsqueeze(2)
     yy = (y * y).sum(-1).unsqueeze(1)
-    return torch.baddbmm(xx + yy, x, y.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
+    d2 = torch.baddbmm(xx + yy, x, y.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
+    return _exact_near_zero(x, y, d2, xx, yy)
+
+
+def _direct_squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(B, N, M)`` squared distances summed from coordinate differences (exact 0 at x = y)."""
+    d2 = (x[:, :, None, 0] - y[:, None, :, 0]) ** 2
+    for k in range(1, x.shape[-1]):
+        d2 = d2 + (x[:, :, None, k] - y[:, None, :, k]) ** 2
+    return d2
+
+
+def _exact_near_zero(x, y, d2, xx, yy) -> torch.Tensor:
+    r"""``d2`` with the entries below the expansion's rounding error summed from differences.
+
+    :math:`\mathrm{fl}(\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle)` is off by up to about
+    :math:`(2D + 3)\,u\,(\|x\|^2 + \|y\|^2)` (u the unit round-off): an entry below that bound
+    may be a pair of coincident points, whose exact value is 0. Those entries (the diagonal of
+    a cloud against itself, duplicated points: few) are recomputed one by one; when they are
+    more than N x M / D, the whole matrix is (same memory as the gathered differences).
+    """
+    dim = x.shape[-1]
+    with torch.no_grad():
+        scale = xx.amax(dim=(1, 2)) + yy.amax(dim=(1, 2))  # (B,)
+        bound = (2 * dim + 4) * torch.finfo(d2.dtype).eps * scale
+        close = (d2 <= bound[:, None, None]).nonzero(as_tuple=True)
+    count = close[0].numel()
+    if count == 0:
+        return d2
+    if count > d2.numel() // dim:
+        return _direct_squared_distances(x, y)
+    b, i, j = close
+    return d2.index_put(close, ((x[b, i] - y[b, j]) ** 2).sum(-1))
 
 
 class TensorizedBackend(Backend):
