@@ -10,8 +10,13 @@ RESULTS gets one JSON line per job, appended and flushed as each finishes (a kil
 leaves a valid file): ``id``, ``line``, ``command``, ``status`` (``ok`` when the command
 exits 0, else ``error``), ``exit_code``, ``result`` (the command's JSON object, when it
 printed one), ``error`` (its one-line message), ``time_s``, ``worker``, ``threads``,
-``seed`` and ``versions``. Running the same batch again skips the jobs RESULTS already has;
-``--retry-failed`` runs the failed ones again.
+``seed`` (the job's ``--seed``: its row's, else batch's ``--seed``) and ``versions``. Running
+the same batch again skips the jobs RESULTS already has; ``--retry-failed`` runs the failed
+ones again.
+
+SIGTERM (or Ctrl-C) stops the batch (exit 143, or 130): the records already written stay, each
+a complete line, the job that was running gets none (a rerun runs it), and the Dask client and
+the local cluster are closed, its worker processes ended.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import EXIT_DATA, EXIT_OK, handle_errors
+from .errors import EXIT_DATA, EXIT_OK, handle_errors, uninterrupted
 from .manifest import Job
 from .output import dumps, err_console, print_data
 
@@ -35,21 +40,23 @@ def run_job(job: Job, threads: int, seed: int) -> dict[str, Any]:
     import io
     import socket
 
-    import numpy as np
     import torch
 
-    from geomreg.api import versions
+    from geomreg.api import seed_everything, versions
 
     from .main import dispatch
 
+    seed = job_seed(job, seed)
+    argv = list(job.argv)
+    if "--seed" not in argv:
+        argv[-1:-1] = ["--seed", str(seed)]
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    seed_everything(seed)
     out, err = io.StringIO(), io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = dispatch(list(job.argv))
+            code = dispatch(argv)
         except BaseException as exc:  # noqa: BLE001 (a worker must report, whatever happened)
             code = 70
             err.write(f"Error: internal error: {type(exc).__name__}: {exc}\n")
@@ -71,6 +78,12 @@ def run_job(job: Job, threads: int, seed: int) -> dict[str, Any]:
     }
 
 
+def job_seed(job: Job, seed: int) -> int:
+    """The seed a job runs with: its row's ``seed``, else the batch's ``--seed``."""
+    argv = list(job.argv)
+    return int(argv[argv.index("--seed") + 1]) if "--seed" in argv else seed
+
+
 def recorded(path: Path) -> dict[str, str]:
     """The status of every job id already in RESULTS (the last record of an id wins)."""
     status: dict[str, str] = {}
@@ -87,6 +100,7 @@ def recorded(path: Path) -> dict[str, str]:
 
 
 def batch(
+    ctx: typer.Context,
     manifest: Annotated[
         Path, typer.Argument(help="CSV with a header, or JSON lines (.jsonl): one job per row.")
     ],
@@ -106,7 +120,10 @@ def batch(
         bool, typer.Option("--retry-failed", help="Run again the jobs RESULTS records as failed (those "
                            "recorded ok are always skipped).")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of torch and numpy, set before every job.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="The --seed of every job whose row sets none "
+                          "(Python's, numpy's and torch's generators are seeded before each job).")
+    ] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -135,6 +152,9 @@ def batch(
             for problem in err.problems:
                 err_console().print(f"{manifest}: {problem}", markup=False, highlight=False, soft_wrap=True)
             raise InputError(str(manifest), f"{len(err.problems)} bad row(s), nothing was run") from None
+        from .reproduce import reproduction
+
+        rerun = reproduction(ctx, seed)
         done = recorded(out)
         todo = [j for j in jobs if done.get(j.id) != "ok" and (retry_failed or j.id not in done)]
         skipped = len(jobs) - len(todo)
@@ -144,7 +164,8 @@ def batch(
         counts = _run(todo, out, scheduler, n_workers, per_job, seed) if todo else {"ok": 0, "error": 0}
         summary = {"jobs": len(jobs), "ran": len(todo), "ok": counts["ok"], "failed": counts["error"],
                    "skipped": skipped, "wall_s": time.perf_counter() - start, "out": str(out),
-                   "scheduler": scheduler or f"local, {n_workers} workers x {per_job} threads"}
+                   "scheduler": scheduler or f"local, {n_workers} workers x {per_job} threads",
+                   **rerun, "threads": per_job}
         _summary_table(summary)
         if json_out:
             print_data(dumps(summary))
@@ -207,16 +228,35 @@ def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, thread
                 except Exception as exc:  # noqa: BLE001 (the worker died too often, ...)
                     record = {"id": job.id, "line": job.line, "command": job.command, "status": "error",
                               "exit_code": None, "result": None, "error": f"{type(exc).__name__}: {exc}",
-                              "time_s": None, "worker": None, "threads": threads, "seed": seed}
-                fh.write(dumps(record) + "\n")
-                fh.flush()
+                              "time_s": None, "worker": None, "threads": threads,
+                              "seed": job_seed(job, seed)}
+                with uninterrupted():  # a record is one whole line
+                    fh.write(dumps(record) + "\n")
+                    fh.flush()
                 counts[record["status"]] += 1
                 advance(record["status"] == "ok")
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    except BaseException:  # SIGTERM, Ctrl-C, a failure: shut down, and say why we stopped
+        _shut_down(client, cluster, quiet=True)
+        raise
+    _shut_down(client, cluster)
     return counts
+
+
+def _shut_down(client: Any, cluster: Any, quiet: bool = False) -> None:
+    """Close the Dask client, then the local cluster (its nannies end their workers).
+
+    ``quiet``: the batch is stopping because of an exception (an interruption): a failure to
+    close is then ignored, so that it never replaces the reason the batch stopped.
+    """
+    error = None
+    for close in (client.close, None if cluster is None else cluster.close):
+        try:
+            if close is not None:
+                close()
+        except BaseException as exc:  # noqa: BLE001 (the cluster is closed even if the client is not)
+            error = error or exc
+    if error is not None and not quiet:
+        raise error
 
 
 def _progress(total: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from geomreg import defaults
 
 from . import options as o
-from .errors import EXIT_NOT_CONVERGED, handle_errors
+from .errors import EXIT_NOT_CONVERGED, handle_errors, uninterrupted
 from .output import (
     dumps,
     err_console,
@@ -20,11 +19,14 @@ from .output import (
     per_pixel,
     print_data,
     schedule_table,
+    status_line,
     warn,
 )
+from .reproduce import seeded
 
 
 def distance(
+    ctx: typer.Context,
     a: o.SourceArg,
     b: o.TargetArg,
     loss: o.Loss = "sinkhorn",
@@ -70,6 +72,7 @@ def distance(
             help="Ground cost as a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2' (online backend)."
         ),
     ] = None,
+    seed: o.Seed = 0,
     json_out: o.JsonOut = False,
     debug: o.Debug = False,
 ) -> None:
@@ -104,6 +107,7 @@ def distance(
             for m, side in ((mu, "a"), (nu, "b")):
                 if _is_image(m):
                     check_output(Path(f"{potentials}_{side}.png"), protect=inputs)
+        rerun = seeded(ctx, seed)
         result = _compute(
             mu,
             nu,
@@ -144,7 +148,7 @@ def distance(
                 f"{result.time_s:.3f} s"
             )
         record = result.to_dict()
-        record.update(a=str(a), b=str(b), mass=mass, keep_mass=keep_mass)
+        record.update(a=str(a), b=str(b), mass=mass, keep_mass=keep_mass, **rerun)
         print_data(dumps(record) if json_out else repr(result.value.item()))
         if not result.converged:
             warn(
@@ -155,22 +159,10 @@ def distance(
 
 
 def _compute(mu, nu, **kwargs):
-    """Run the divergence with a transient status line on stderr for long runs."""
+    """Run the divergence with a transient status line on stderr (in a terminal)."""
     from geomreg.api import divergence
 
-    console = err_console()
-    if not console.is_terminal:
-        return divergence(mu, nu, **kwargs)
-    started = time.perf_counter()
-    with console.status("computing...", spinner="dots") as status:
-
-        def on_step(step):
-            if time.perf_counter() - started > 0.5:
-                status.update(
-                    f"Sinkhorn step {step.index} ({step.phase}) eps={step.eps:.3g} "
-                    f"marginal error={step.marginal_error:.2e}"
-                )
-
+    with status_line("distance") as on_step:
         return divergence(mu, nu, on_step=on_step, **kwargs)
 
 
@@ -190,7 +182,8 @@ def _write_outputs(result, measures, *, log, potentials, field, protect) -> None
     if field is not None:
         jobs.append((field, npy_writer(per_pixel(measures[0], result.field.cpu().double().numpy()))))
     if jobs:
-        atomic_write_many(jobs, protect=protect)
+        with uninterrupted():
+            atomic_write_many(jobs, protect=protect)
 
 
 def _is_image(m) -> bool:

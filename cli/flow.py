@@ -10,11 +10,13 @@ import typer
 from geomreg import defaults
 
 from . import options as o
-from .errors import EXIT_NOT_CONVERGED, handle_errors
+from .errors import EXIT_NOT_CONVERGED, handle_errors, uninterrupted
 from .output import dumps, err_console, print_data, warn
+from .reproduce import seeded
 
 
 def flow(
+    ctx: typer.Context,
     a: o.SourceArg,
     b: o.TargetArg,
     out: Annotated[
@@ -69,6 +71,7 @@ def flow(
     log: Annotated[
         Path | None, typer.Option(help="Write the loss trajectory as JSON lines to this file.")
     ] = None,
+    seed: o.Seed = 0,
     json_out: o.JsonOut = False,
     debug: o.Debug = False,
 ) -> None:
@@ -76,8 +79,8 @@ def flow(
 
     stdout: the final loss (or one JSON object with --json, with the whole trajectory).
     A progress bar on stderr (in a terminal) shows the step, the loss and the time left.
-    Ctrl-C stops the flow without writing --out (frames already written are complete files);
-    exit code 130.
+    Ctrl-C (SIGTERM) stops the flow without writing --out (frames already written are complete
+    files); exit code 130 (143).
     """
     with handle_errors(debug):
         from geomreg.errors import OutputError, ParameterError
@@ -119,6 +122,7 @@ def flow(
             check_dimension(mu.dim)
         from geomreg.registration import flow as run_flow
 
+        rerun = seeded(ctx, seed)
         snapshots = {} if plot is not None else None
         on_step, progress = _observer(steps, every, frames, frame_format, mu.weights, inputs, snapshots)
         with progress:
@@ -133,9 +137,10 @@ def flow(
         _write(result, mu, nu if images else None, out=out, field=field, log=log, protect=inputs)
         if plot is not None:
             snapshots[last] = result.points.detach().cpu().double().numpy()
-            _plot(plot, snapshots, mu, nu, normalize=not keep_mass, protect=inputs)
+            with uninterrupted():
+                _plot(plot, snapshots, mu, nu, normalize=not keep_mass, protect=inputs)
         record = result.to_dict()
-        record.update(a=str(a), b=str(b), out=str(out))
+        record.update(a=str(a), b=str(b), out=str(out), **rerun)
         print_data(dumps(record) if json_out else repr(result.steps[-1].loss))
         if not result.last.converged:
             warn(f"the last Sinkhorn evaluation did not converge (marginal error "
@@ -168,7 +173,8 @@ def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
         if frames is not None and (step.index % every == 0 or step.index == steps):
             path = frames / f"step_{step.index:05d}{suffix}"
             pts = points.detach().cpu().double().numpy()
-            atomic_write(path, points_writer(path, pts, weights), protect=inputs)
+            with uninterrupted():  # a frame is written whole, or not at all
+                atomic_write(path, points_writer(path, pts, weights), protect=inputs)
         k = step.index
         if snapshots is not None and (k & (k - 1)) == 0:  # 0 and the powers of two
             snapshots[k] = points.detach().cpu().double().numpy().copy()
@@ -192,7 +198,8 @@ def _write(result, mu, images_of, *, out, field, log, protect) -> None:
         jobs.append((field, npy_writer(per_pixel(mu, end - mu.points))))
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
-    atomic_write_many(jobs, protect=protect)
+    with uninterrupted():
+        atomic_write_many(jobs, protect=protect)
 
 
 def _plot(path, snapshots, mu, nu, *, normalize, protect) -> None:

@@ -10,8 +10,14 @@ Exit codes (README.md, "Exit codes"):
 3     computed, but the Sinkhorn loop did not converge within --max-iter (the
       value is still printed; it may be inaccurate)
 70    internal error (a bug in geomreg: please report it with --debug output)
-130   interrupted (Ctrl-C)
+130   interrupted (Ctrl-C, SIGINT)
+143   terminated (SIGTERM)
 ====  ==========================================================================
+
+SIGTERM raises :class:`~cli.errors.Terminated`, a ``KeyboardInterrupt``, in the main thread
+(the handler is installed by :func:`run`, the console entry point), so the clean-up paths of
+Ctrl-C run for it too: no output file and no temporary file is left, a flow keeps only its
+complete frames, a batch shuts its Dask cluster down and RESULTS keeps complete lines.
 
 Heavy packages (torch, open3d) are imported inside commands, so ``geomreg --help`` and
 ``geomreg --version`` answer at once.
@@ -33,9 +39,13 @@ from .errors import (  # noqa: F401  (re-exported for the commands)
     EXIT_INTERRUPTED,
     EXIT_NOT_CONVERGED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
+    Terminated,
     fail,
     handle_errors,
+    signal_handlers,
+    terminated,
 )
 
 app = typer.Typer(
@@ -64,7 +74,7 @@ def _root(
     """Point-cloud and density-image registration with geometric losses.
 
     Exit codes: 0 ok, 1 bad data, 2 bad usage, 3 not converged, 70 internal error,
-    130 interrupted.
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
 
 
@@ -110,6 +120,8 @@ def dispatch(argv: list[str] | None = None) -> int:
     no_args = _click_classes("NoArgsIsHelpError")
     try:
         code = _command().main(args=argv, standalone_mode=False, prog_name="geomreg")
+    except Terminated:
+        return _terminated_exit()
     except no_args as err:  # bare `geomreg`: the help text, on stdout
         sys.stdout.write(err.format_message() + "\n")
         return EXIT_OK
@@ -121,17 +133,39 @@ def dispatch(argv: list[str] | None = None) -> int:
     except (typer.Exit, *_click_classes("Exit")) as err:
         return err.exit_code
     except (KeyboardInterrupt, *_click_classes("Abort")):
+        if terminated():
+            return _terminated_exit()
         sys.stderr.write("Error: interrupted\n")
         return EXIT_INTERRUPTED
     except _click_classes("ClickException") as err:
         sys.stderr.write(f"Error: {err.format_message()}\n")
         return getattr(err, "exit_code", EXIT_USAGE)
-    return code if isinstance(code, int) else EXIT_OK
+    code = code if isinstance(code, int) else EXIT_OK
+    if terminated() and code != EXIT_TERMINATED:
+        # SIGTERM arrived outside a command's handle_errors (while Click parsed the line):
+        # typer turns any KeyboardInterrupt there into a silent exit 130
+        return _terminated_exit()
+    return code
+
+
+def _terminated_exit() -> int:
+    sys.stderr.write("Error: terminated\n")
+    sys.stderr.flush()
+    return EXIT_TERMINATED
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(dispatch())
+    """Console-script entry point: one command line, SIGTERM handled like Ctrl-C (exit 143)."""
+    try:
+        with signal_handlers():
+            code = dispatch()
+    except KeyboardInterrupt:  # a signal after dispatch returned, before the handlers were removed
+        if terminated():
+            code = _terminated_exit()
+        else:
+            sys.stderr.write("Error: interrupted\n")
+            code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ import typer
 from geomreg import defaults
 
 from . import options as o
-from .errors import EXIT_NOT_CONVERGED, handle_errors
-from .output import dumps, err_console, per_pixel, print_data, schedule_table, warn
+from .errors import EXIT_NOT_CONVERGED, handle_errors, uninterrupted
+from .output import dumps, err_console, per_pixel, print_data, schedule_table, status_line, warn
+from .reproduce import seeded
 
 
 def match(
+    ctx: typer.Context,
     a: o.SourceArg,
     b: o.TargetArg,
     out: Annotated[
@@ -71,6 +73,7 @@ def match(
     keep_mass: o.KeepMass = False,
     verbose: o.Verbose = False,
     log: o.Log = None,
+    seed: o.Seed = 0,
     json_out: o.JsonOut = False,
     debug: o.Debug = False,
 ) -> None:
@@ -119,23 +122,27 @@ def match(
         other = read_measure(apply) if apply is not None else None
         from geomreg.registration import match as run_match
 
-        result = run_match(
-            mu, nu, apply=other, top_k=top_k if matches is not None else None, evaluate_after=evaluate,
-            p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling, debias=debias, tol=tol,
-            max_iter=max_iter, backend=backend, device=device, dtype=dtype, normalize=not keep_mass,
-            truncate=truncate, cluster_scale=cluster_scale,
-        )
+        rerun = seeded(ctx, seed)
+        with status_line("match") as on_step:
+            result = run_match(
+                mu, nu, apply=other, top_k=top_k if matches is not None else None,
+                evaluate_after=evaluate, p=p, blur=blur, reach=reach, diameter=diameter,
+                scaling=scaling, debias=debias, tol=tol, max_iter=max_iter, backend=backend,
+                device=device, dtype=dtype, normalize=not keep_mass, truncate=truncate,
+                cluster_scale=cluster_scale, on_step=on_step,
+            )
         div = result.divergence
         if div.backend_fallback:
             warn(div.backend_fallback)
         _write(result, mu, nu, other, out=out, field=field, apply_out=apply_out, matches=matches,
                log=log, protect=inputs)
         if plot is not None:
-            _plot(plot, result, mu, nu, normalize=not keep_mass, protect=inputs)
+            with uninterrupted():
+                _plot(plot, result, mu, nu, normalize=not keep_mass, protect=inputs)
         if verbose and div.schedule:
             err_console().print(schedule_table(div.schedule))
         record = result.to_dict()
-        record.update(a=str(a), b=str(b), out=str(out))
+        record.update(a=str(a), b=str(b), out=str(out), **rerun)
         print_data(dumps(record) if json_out else repr(div.value.item()))
         if not div.converged:
             warn(f"not converged after {div.n_iter} iterations: marginal error "
@@ -171,7 +178,8 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
     if log is not None:
         steps = result.divergence.schedule
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in steps))))
-    atomic_write_many(jobs, protect=protect)
+    with uninterrupted():
+        atomic_write_many(jobs, protect=protect)
 
 
 def _plot(path, result, mu, nu, *, normalize, protect) -> None:

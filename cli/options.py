@@ -74,3 +74,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print the eps-sc
 Log = Annotated[Path | None, typer.Option(help="Write the eps-scaling log as JSON lines to this file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the value.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Seed = Annotated[
+    int,
+    typer.Option(min=0, max=2**32 - 1,
+                 help="Seed of Python's, numpy's and torch's random generators, set before the "
+                 "computation (recorded in --json with the options, versions and the inputs' sha256)."),
+]

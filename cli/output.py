@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -42,6 +44,39 @@ def print_data(text: str) -> None:
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
     err_console().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status_line(title: str, after_s: float = 0.5):
+    """A transient status line on stderr while a computation runs (in a terminal only).
+
+    Yields ``on_step``, a callback for :func:`geomreg.divergence`'s ``on_step`` (a Sinkhorn
+    :class:`~geomreg.results.StepLog`) that also takes :func:`geomreg.flow`'s
+    ``(FlowStep, points)``, or None when stderr is not a terminal. The line shows the latest
+    step once the computation has run ``after_s`` seconds.
+    """
+    console = err_console()
+    if not console.is_terminal:
+        yield None
+        return
+    started = time.perf_counter()
+    with console.status(f"{title}: computing...", spinner="dots") as status:
+        solves = 0
+
+        def on_step(step, *points) -> None:
+            nonlocal solves
+            if points:  # a gradient-flow step
+                text = f"{title}: flow step {step.index} loss={step.loss:.4g}"
+            else:
+                solves += step.index == 0
+                text = (f"{title}: Sinkhorn step {step.index} ({step.phase}) eps={step.eps:.3g} "
+                        f"marginal error={step.marginal_error:.2e}")
+                if solves > 1:
+                    text += f" | solve {solves}"
+            if time.perf_counter() - started > after_s:
+                status.update(text)
+
+        yield on_step
 
 
 def schedule_table(steps, title: str = "Sinkhorn loop", max_rows: int = 40):

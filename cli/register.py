@@ -10,11 +10,13 @@ import typer
 from geomreg import defaults
 
 from . import options as o
-from .errors import handle_errors
-from .output import dumps, print_data
+from .errors import handle_errors, uninterrupted
+from .output import dumps, print_data, status_line
+from .reproduce import seeded
 
 
 def register(
+    ctx: typer.Context,
     a: o.SourceArg,
     b: o.TargetArg,
     out: Annotated[
@@ -61,6 +63,7 @@ def register(
     weights_b: o.WeightsB = None,
     weight_property: o.WeightProperty = None,
     keep_mass: o.KeepMass = False,
+    seed: o.Seed = 0,
     json_out: o.JsonOut = False,
     debug: o.Debug = False,
 ) -> None:
@@ -99,10 +102,18 @@ def register(
         surface = surface and mu.grid is None and nu.grid is None
         from geomreg.registration import register as run_register
 
-        result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
-                              voxel=voxel, surface=surface,
-                              p=p, tol=tol, backend=backend, device=device, dtype="float64",
-                              normalize=not keep_mass)
+        rerun = seeded(ctx, seed)
+        ran: dict = {}  # the last divergence evaluated: which backend, device, dtype ran
+
+        def on_result(r) -> None:
+            ran.update(backend=r.backend, backend_reason=r.backend_reason, device=r.device,
+                       dtype=r.dtype, versions=r.versions)
+
+        with status_line("register") as on_step:
+            result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
+                                  voxel=voxel, surface=surface,
+                                  p=p, tol=tol, backend=backend, device=device, dtype="float64",
+                                  normalize=not keep_mass, on_step=on_step, on_result=on_result)
         t4 = _homogeneous_4x4(result.matrix.numpy())
         jobs = []
         if out is not None:
@@ -113,14 +124,17 @@ def register(
         if jobs:
             from geomreg.io import atomic_write_many
 
-            atomic_write_many(jobs, protect=inputs)
+            with uninterrupted():
+                atomic_write_many(jobs, protect=inputs)
         if plot is not None:
             from geomreg.plots import plot_register
 
-            plot_register(plot, mu.points, nu.points, result.registered.numpy(),
-                          source_weights=mu.weights, target_weights=nu.weights, protect=inputs)
+            with uninterrupted():
+                plot_register(plot, mu.points, nu.points, result.registered.numpy(),
+                              source_weights=mu.weights, target_weights=nu.weights, protect=inputs)
         record = result.to_dict()
         record.update(matrix_4x4=t4.tolist(), a=str(a), b=str(b), blur=blur, reach=reach)
+        record.update(**ran, **rerun)
         print_data(dumps(record) if json_out else repr(result.value))
 
 

@@ -18,6 +18,7 @@ every bad file is generated in a temporary folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -1100,3 +1101,113 @@ def test_allocation_failures_are_bad_data_not_bugs(tmp_path, monkeypatch, raised
     result = CliRunner().invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "a.npy")])
     assert result.exit_code == code
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ") and words in result.stderr
+
+
+# --------------------------------------------------------------------------- --seed and what --json records
+
+
+def test_seed_everything_fixes_python_numpy_and_torch():
+    import random
+
+    import torch
+
+    from geomreg.api import seed_everything
+    from geomreg.errors import ParameterError
+
+    def draws(seed):
+        assert seed_everything(seed) == seed
+        return random.random(), float(np.random.random()), float(torch.rand(1))
+
+    assert draws(7) == draws(7)
+    assert all(x != y for x, y in zip(draws(7), draws(8), strict=True))
+    for bad in (-1, 2**32, True, 1.5, "3"):
+        with pytest.raises(ParameterError):
+            seed_everything(bad)
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_seed_outside_its_range_is_a_usage_error(seed, clouds):
+    assert invoke("distance", clouds["a"], clouds["b"], "--seed", seed).exit_code == 2
+
+
+def _without_timings(obj):
+    """A --json record without what changes from run to run: compute times."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k not in ("time_s", "elapsed_s")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def _argv_from_options(record) -> list[str]:
+    """A command line rebuilt from the recorded ``command`` and ``options`` alone."""
+    options = dict(record["options"])
+    argv = [record["command"], options.pop("a"), options.pop("b")]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else ([f"--no-{name}"] if name in ("debias", "surface") else [])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return [*argv, "--json"]
+
+
+REPRODUCE = {  # (inputs, extra arguments): small and quick
+    "distance": (("a", "b"), lambda o: ["--blur", "0.1", "--log", o / "log.jsonl"]),
+    "match": (("a", "b"), lambda o: ["--blur", "0.2", "--out", o / "reg.npy", "--matches", o / "m.csv",
+                                     "--top-k", "2"]),
+    "flow": (("a", "b"), lambda o: ["--blur", "0.2", "--out", o / "end.npy", "--steps", "2"]),
+    "register": (("plane_a", "plane_b"), lambda o: ["--model", "similarity", "--blur", "0.2",
+                                                    "--levels", "1", "--fits", "2"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(REPRODUCE))
+def test_json_records_what_runs_it_again(command, clouds, tmp_path):
+    from cli.main import _command
+    from geomreg.api import versions
+
+    sides, extra = REPRODUCE[command]
+    a, b = (clouds[s] for s in sides)
+    args = [command, a, b, *extra(tmp_path), "--seed", "11", "--json"]
+    runs = []
+    for _ in range(2):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.stderr
+        runs.append(strict_json(result.stdout))
+    first = runs[0]
+    assert _without_timings(runs[1]) == _without_timings(first)  # same command, same seed
+
+    assert first["command"] == command and first["seed"] == 11 and first["options"]["seed"] == 11
+    params = {p.name for p in _command().commands[command].params} - {"json_out", "debug"}
+    assert set(first["options"]) == params  # every option, defaults included
+    for side, path in (("a", a), ("b", b)):
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        assert first["inputs"][side] == {"path": str(path), "sha256": digest}
+    assert first["versions"] == versions() and first["threads"] >= 1
+    assert first["device"] == "cpu" and first["dtype"] in ("float32", "float64")
+    assert first["backend"] in ("tensorized", "online", "multiscale")
+
+    rebuilt = invoke(*_argv_from_options(first))  # the recorded parameters, fed back as options
+    assert rebuilt.exit_code == 0, rebuilt.stderr
+    again = strict_json(rebuilt.stdout)
+    assert again["value"] == first["value"]
+    assert again["options"] == first["options"] and again["argv"] == first["argv"]
+    replayed = invoke(*first["argv"])  # the recorded command line itself
+    assert replayed.exit_code == 0, replayed.stderr
+    assert strict_json(replayed.stdout)["value"] == first["value"]
+
+
+def test_batch_jobs_take_the_batch_seed_unless_their_row_sets_one(clouds, tmp_path):
+    import torch
+
+    from cli.batch import run_job
+    from cli.manifest import read_manifest
+
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"id,command,a,b,blur,seed\nx,distance,{clouds['a']},{clouds['b']},0.1,\n"
+                        f"y,distance,{clouds['a']},{clouds['b']},0.1,4\n")
+    records = [run_job(job, torch.get_num_threads(), 9) for job in read_manifest(manifest)]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [(r["seed"], r["result"]["seed"]) for r in records] == [(9, 9), (4, 4)]
+    assert records[0]["result"]["value"] == records[1]["result"]["value"]  # nothing random yet
