@@ -8,6 +8,7 @@ to one loss on one backend.
 from __future__ import annotations
 
 import platform
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,7 @@ def divergence(
     truncate: float | None = None,
     cluster_scale: float | None = None,
     field: bool = False,
+    on_result: Callable[[DivergenceResult], None] | None = None,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
 
@@ -98,6 +100,10 @@ def divergence(
             (``result.field``): the barycentre of each point's row of the transport plan
             minus, when debiased, that of the plan from the source to itself (minus the
             point itself otherwise). Balanced, it equals :math:`-\nabla_{x_i} S / a_i`.
+        on_result: callback receiving the :class:`DivergenceResult` before it is returned;
+            functions that call ``divergence`` many times and pass their extra keyword
+            arguments on (:func:`geomreg.register`, :func:`geomreg.flow`) let a caller see
+            each evaluation (backend, device, dtype) this way.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -157,7 +163,10 @@ def divergence(
                                ys.reshape(-1, ys.shape[-1]).max(0).values)
             centre = (lo + hi) / 2
             bbox_diameter = float((hi - lo).norm())
-        xs, ys = xs - centre, ys - centre
+        xs, ys = (xs - centre).to(dt), (ys - centre).to(dt)
+        for pts, name in ((xs, x_name), (ys, y_name)):
+            if not torch.isfinite(pts.detach()).all():
+                raise InputError(name, f"coordinates too large for {str(dt).removeprefix('torch.')}")
 
     if cost is not None:
         if loss not in ("sinkhorn", "hausdorff"):
@@ -175,6 +184,7 @@ def divergence(
             backend, n=xs.shape[1], m=ys.shape[1], dim=xs.shape[2],
             itemsize=xs.element_size(), memory_bytes=_available_memory(xs.device),
             device_type=xs.device.type, batch=xs.shape[0],
+            self_pairs=not (loss == "sinkhorn" and not debias),
         )
     if choice.name != "multiscale" and backend == "auto":
         truncate = cluster_scale = None  # knobs of a backend that auto did not pick
@@ -226,7 +236,7 @@ def divergence(
     if potentials:
         f, g = out.potentials
         pots = (f, g) if batched else (f[0], g[0])
-    return DivergenceResult(
+    result = DivergenceResult(
         value=value,
         loss=loss,
         params=params,
@@ -250,6 +260,38 @@ def divergence(
         field=disp,
         plan=plan,
     )
+    if on_result is not None:
+        on_result(result)
+    return result
+
+
+#: the largest seed :func:`seed_everything` takes (numpy's global generator needs 32 bits)
+SEED_MAX = 2**32 - 1
+
+
+def seed_everything(seed: int) -> int:
+    """Seed every random generator a computation may draw from: Python's, numpy's, torch's.
+
+    ``random.seed``, ``numpy.random.seed`` and ``torch.manual_seed`` (the CPU and every CUDA
+    device). geomreg's own computations draw no random numbers today (the starting rotations
+    of :func:`geomreg.register` are the principal-axis alignments, subsampling is by voxels);
+    the command line seeds anyway, before any computation, so that whatever does draw (a
+    future option, a library it calls) is fixed by ``--seed``. Seeding does not make CUDA's
+    non-deterministic kernels deterministic.
+
+    Returns:
+        The seed, as an int.
+
+    Raises:
+        ParameterError: ``seed`` is not an integer from 0 to :data:`SEED_MAX`.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise ParameterError("--seed", f"must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
 
 
 def versions() -> dict[str, str]:
@@ -310,7 +352,10 @@ def _as_tensors(x, w, name, dev, dt):
         raise InputError(name, f"expected (N, D) or (B, N, D) points, found shape {tuple(pts.shape)}")
     if pts.shape[-2] < 1 or pts.shape[-1] < 1:
         raise InputError(name, f"needs at least 1 point of dimension >= 1, found {tuple(pts.shape)}")
-    pts = pts.to(device=dev, dtype=dt)
+    # in the input's precision (at least dt) until centred: a float32 cast of coordinates
+    # of ~4e6 (UTM) would round them to steps of 0.5 before the centre is subtracted
+    pts = pts.to(device=dev, dtype=torch.promote_types(pts.dtype, dt) if pts.is_floating_point()
+                 else torch.float64)
     if not torch.isfinite(pts.detach()).all():
         raise InputError(name, "non-finite coordinate (NaN or inf)")
     n = pts.shape[-2]

@@ -101,12 +101,12 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
     if result.plan is None:
         raise ParameterError("--backend", "match needs one pair of clouds (not a batch)")
     plan = result.plan
-    points = plan.x[0] + plan.centre
+    points = plan.x[0] + plan.centre  # the centre's precision: the input's (float64 for arrays)
     registered = points + result.field
     applied = applied_field = None
     if apply is not None:
         applied_field = plan.field_at(apply)
-        applied = _points(apply, plan.x, "--apply") + applied_field
+        applied = _points(apply, plan.x, "--apply", plan.centre) + plan.centre + applied_field
     matches = plan.matches(top_k) if top_k is not None else None
     after = None
     if evaluate_after:  # the registered points keep the (normalised) source weights

@@ -70,7 +70,7 @@ class TransportPlan:
         itself (debiased) or minus the point: the same field as ``result.field`` on the
         source points, extended to any others.
         """
-        z = _points(points, self.x, name) - self.centre
+        z = _points(points, self.x, name, self.centre)
         sm = self.backend.softmin
         with torch.no_grad():
             pair = self.backend.pair(z[None], self.y, self.cost)
@@ -104,7 +104,8 @@ class TransportPlan:
         return torch.cat(idx), torch.cat(weights)
 
 
-def _points(points: Any, like: torch.Tensor, name: str) -> torch.Tensor:
+def _points(points: Any, like: torch.Tensor, name: str, centre: torch.Tensor) -> torch.Tensor:
+    """``points`` minus ``centre``, in ``like``'s dtype (subtracted in the wider precision)."""
     from .measure import Measure
 
     if isinstance(points, Measure):
@@ -114,7 +115,11 @@ def _points(points: Any, like: torch.Tensor, name: str) -> torch.Tensor:
         z = z[:, None]
     if z.dim() != 2 or z.shape[1] != like.shape[-1]:
         raise InputError(name, f"expected points of dimension {like.shape[-1]}, found shape {tuple(z.shape)}")
-    z = z.detach().to(device=like.device, dtype=like.dtype)
+    wide = torch.promote_types(z.dtype, centre.dtype) if z.is_floating_point() else torch.float64
+    z = z.detach().to(device=like.device, dtype=wide)
     if not torch.isfinite(z).all():
         raise InputError(name, "non-finite coordinate (NaN or inf)")
+    z = (z - centre).to(like.dtype)
+    if not torch.isfinite(z).all():
+        raise InputError(name, f"coordinates too large for {str(like.dtype).removeprefix('torch.')}")
     return z

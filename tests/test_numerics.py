@@ -17,7 +17,6 @@ import torch
 
 import geomreg
 import geomreg.api
-from geomreg.errors import BackendUnavailable
 
 LOSSES = ("sinkhorn", "energy", "gaussian", "laplacian", "hausdorff")
 #: coordinates of a UTM-like site (easting, northing, height)
@@ -116,11 +115,6 @@ def test_utm_offset_float64(backend, loss):
     assert rel(far, centred) < 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.divergence casts float64 coordinates to float32 before it centres them: at "
-    "4e6 float32 keeps steps of 0.25, so a unit-size cloud is destroyed before centring",
-)
 @pytest.mark.parametrize("loss", ["sinkhorn", "energy"])
 def test_utm_offset_float32_from_float64_coordinates(loss):
     """float64 coordinates (what every reader returns) computed in float32 far from 0."""
@@ -374,10 +368,7 @@ def _one_point_reference(x0, y, b, eps, rho):
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param("tensorized", marks=pytest.mark.xfail(
-        strict=True, raises=BackendUnavailable,
-        reason="choose_backend sizes the dense matrices as 5 * max(N, M)^2 floats (373 GiB) "
-        "although OT without debiasing needs the N x M and M x N ones (2e5 floats)")),
+    ["tensorized",
      "online",
      # 4 to 9 s on 2 busy cores (clustering 1e5 points), hence slow
      pytest.param("multiscale", marks=pytest.mark.slow)],

@@ -130,6 +130,7 @@ def choose_backend(
     device_type: str = "cpu",
     batch: int = 1,
     formula: bool = False,
+    self_pairs: bool = True,
 ) -> BackendChoice:
     """Decide which backend runs a problem of N x M points in dimension D.
 
@@ -156,16 +157,18 @@ def choose_backend(
         device_type: ``"cpu"`` or ``"cuda"``.
         batch: number of pairs of clouds (multiscale handles 1).
         formula: the cost is a KeOps formula (online only).
+        self_pairs: the loss also needs the N x N and M x M pairs (every loss but the
+            Sinkhorn cost without debiasing); sizes the dense backend's matrices.
     """
     if requested != "auto":
         get_backend(requested)  # validates the name (and, for online, that KeOps works)
         if requested == "tensorized":
-            _check_dense_fits(n, m, itemsize, memory_bytes)
+            _check_dense_fits(n, m, itemsize, memory_bytes, self_pairs)
         return BackendChoice(requested, "requested")
     if formula:
         get_backend("online")
         return BackendChoice("online", "the cost is a KeOps formula")
-    dense_problem = _dense_problem(n, m, itemsize, memory_bytes)
+    dense_problem = _dense_problem(n, m, itemsize, memory_bytes, self_pairs)
     limit = _GPU_DENSE_MAX_PAIRS if device_type != "cpu" else _DENSE_MAX_PAIRS
     if dense_problem is None and n * m <= limit:
         return BackendChoice("tensorized", f"dense matrices of {n}x{m} fit in memory")
@@ -192,10 +195,15 @@ def choose_backend(
     )
 
 
-def _dense_problem(n: int, m: int, itemsize: int, memory_bytes: int | None) -> str | None:
-    """Why the tensorized backend cannot hold this problem in memory, or None if it can."""
+def _dense_problem(n: int, m: int, itemsize: int, memory_bytes: int | None,
+                   self_pairs: bool = True) -> str | None:
+    """Why the tensorized backend cannot hold this problem in memory, or None if it can.
+
+    ``_DENSE_MATRICES`` matrices of max(N, M)^2 entries with the self pairs, else of N x M.
+    """
     k = max(n, m)
-    need = dense_bytes(k, k, itemsize, _DENSE_MATRICES)
+    need = dense_bytes(k, k, itemsize, _DENSE_MATRICES) if self_pairs else \
+        dense_bytes(n, m, itemsize, _DENSE_MATRICES)
     if memory_bytes is not None and need > memory_bytes:
         return (
             f"the tensorized backend needs about {human_bytes(need)} for {n} x {m} points "
@@ -204,8 +212,9 @@ def _dense_problem(n: int, m: int, itemsize: int, memory_bytes: int | None) -> s
     return None
 
 
-def _check_dense_fits(n: int, m: int, itemsize: int, memory_bytes: int | None) -> None:
-    problem = _dense_problem(n, m, itemsize, memory_bytes)
+def _check_dense_fits(n: int, m: int, itemsize: int, memory_bytes: int | None,
+                      self_pairs: bool = True) -> None:
+    problem = _dense_problem(n, m, itemsize, memory_bytes, self_pairs)
     if problem is not None:
         raise BackendUnavailable(
             "--backend",
