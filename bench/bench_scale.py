@@ -16,7 +16,8 @@ rotated by 30 degrees about its vertical axis and shifted by 0.1. On each case:
    against GeomLoss, online vs online and multiscale vs multiscale.
 
 Then, once: 4. peak memory (``ru_maxrss``) of fresh child processes running geomreg
-multiscale at the largest N (online at 200k with ``--online-200k``, multiscale at 1M when
+multiscale at the largest N (one online softmin and its gradient at 200k with
+``--online-200k``, multiscale at 1M when
 ``--sizes`` has it), beside a child that only imports torch and geomreg; 5. pair throughput
 of one log-sum-exp reduction: plain KeOps against geomreg's backends' ``softmin``.
 
@@ -31,6 +32,7 @@ also printed to stdout, progress goes to stderr. See bench/README.md.
 
 Usage: python bench/bench_scale.py [--sizes 2000 20000 100000] [--repeats R] [--quick]
 [--device cpu|cuda] [--out bench/results] [--skip-geomloss] [--skip-bunny] [--online-200k]
+[--memory-only]
 """
 
 from __future__ import annotations
@@ -391,6 +393,8 @@ def child_main(spec_text: str) -> int:
                     x, y, p=P, blur=BLUR, backend=spec["backend"], **spec.get("options", {})), dev)
                 value, info = scalar(r)
                 out.update(time_s=t, value=value, **info)
+            elif spec["what"] == "softmin":  # one reduction and its gradient: the memory peak
+                out.update(online_softmin(spec))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         out["error"] = one_line(exc)
     out["peak_rss_kib"], out["peak_rss_source"] = peak_rss_kib()
@@ -400,6 +404,27 @@ def child_main(spec_text: str) -> int:
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(CHILD_TAG + json.dumps(out, default=str), flush=True)
     return 0
+
+
+def online_softmin(spec: dict[str, Any]) -> dict[str, Any]:
+    """One online softmin of N x N points at the final epsilon, and its gradient in x.
+
+    A full online solve at N = 200,000 is hours on a 2-core CPU (each softmin is 4e10 pairs);
+    its memory is that of one softmin and its backward pass, repeated: this measures that.
+    """
+    from geomreg.engine import get_backend
+    from geomreg.engine.base import Cost
+
+    dev = torch.device(spec["device"])
+    x, y = uniform_case(spec["n"], spec["seed"])
+    x, y = x.to(dev).requires_grad_(True), y.to(dev)
+    be = get_backend("online")
+    h = torch.full((1, y.shape[0]), -math.log(y.shape[0]), device=dev)
+    t0 = time.perf_counter()
+    f = be.softmin(BLUR**P, be.pair(x[None], y[None], Cost(P)), h)
+    (grad,) = torch.autograd.grad(f.sum(), x)
+    sync(dev)
+    return {"time_s": time.perf_counter() - t0, "finite": bool(torch.isfinite(grad).all())}
 
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -432,7 +457,7 @@ def memory_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if below:
         specs.append({**ms, "n": max(below)})
     if args.online_200k:
-        specs.append({**base, "backend": "online", "n": 200_000})
+        specs.append({**base, "what": "softmin", "backend": "online", "n": 200_000})
     specs += [{**ms, "n": n} for n in sorted(set(args.sizes)) if n >= GEOMREG_ONLY]
     return specs
 
@@ -442,6 +467,7 @@ def measure_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for spec in memory_specs(args):
         what = "baseline (imports torch, geomreg)" if spec["what"] == "baseline" else \
+            f"geomreg online: one softmin + gradient, N={spec['n']}" if spec["what"] == "softmin" else \
             f"geomreg {spec['backend']} N={spec['n']}"
         log(f"memory: {what} in a child process ...")
         res = run_child(spec, timeout=10 * args.max_seconds)
@@ -675,7 +701,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-geomloss", action="store_true", help="time geomreg alone")
     ap.add_argument("--skip-bunny", action="store_true", help="skip the bunny case")
     ap.add_argument("--online-200k", action="store_true",
-                    help="also measure the peak memory of geomreg online at N = 200000 (slow)")
+                    help="also measure the peak memory of one geomreg online softmin and its "
+                         "gradient at N = 200000 (a few minutes)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="run only the peak-memory child processes (section 5)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: N = 2000 only (bunny too), 1 repeat, one tiny memory child, "
                          f"pair throughput at N = {PAIRS_N_DENSE}")
@@ -727,7 +756,7 @@ def run(args: argparse.Namespace, dev: torch.device, json_path: Path, md_path: P
                      "ref_backend": args.ref_backend, "multiscale_options": multiscale_options(args),
                      "bunny": str(args.bunny), "bunny_points": args.bunny_points,
                      "skip_geomloss": args.skip_geomloss, "online_200k": args.online_200k,
-                     "quick": args.quick},
+                     "quick": args.quick, "memory_only": args.memory_only},
         "versions": vers,
         "machine": machine_info(dev),
         "loadavg_before": loadavg(),
@@ -744,6 +773,11 @@ def run(args: argparse.Namespace, dev: torch.device, json_path: Path, md_path: P
         json_path.write_text(json.dumps(report, indent=1, default=str))
         md_path.write_text(render(report) + "\n")
 
+    if args.memory_only:  # the peak-memory children alone (e.g. N = 1M, online at 200k)
+        report["memory"] = measure_memory(args)
+        report["loadavg_after"] = loadavg()
+        save()
+        return report
     report["throughput"] = measure_throughput(dev, args.seed, PAIRS_N_DENSE if args.quick else PAIRS_N)
     save()
 
