@@ -39,7 +39,7 @@ from geomreg.io import (
     write_npy,
     write_text,
 )
-from geomreg.io.readers import _lzf_decompress
+from geomreg.io.plypcd import _lzf_decompress
 from geomreg.measure import Measure
 
 
