@@ -8,7 +8,7 @@ reader (or a crash, or Ctrl-C) never sees a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -66,14 +66,17 @@ def atomic_write_many(
     temps: list[str] = []
     try:
         for path, write_fn in jobs:
+            # named and registered for removal before it exists: an interrupt between the
+            # creation and the registration would otherwise leave it behind
+            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+            temps.append(tmp)
             try:
-                fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix="." + path.name + ".", dir=path.parent)
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as exc:
+                temps.pop()  # not ours (it may exist already): never removed
                 raise OutputError(
                     str(path), f"cannot write in {path.parent}: {exc.strerror or exc}"
                 ) from None
-            os.close(fd)
-            temps.append(tmp)
             try:
                 write_fn(tmp)
                 _fsync(tmp)
