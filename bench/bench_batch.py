@@ -32,7 +32,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import REPO_ROOT, bench_main, console_script, fmt_s, loadavg, log, machine_info, md_table
+from common import (
+    REPO_ROOT,
+    bench_main,
+    console_script,
+    finish_report,
+    fmt_s,
+    loadavg,
+    log,
+    machine_info,
+    md_table,
+)
 
 from geomreg.api import versions
 
@@ -84,11 +94,7 @@ def run(args: argparse.Namespace, device: torch.device, json_path: Path, md_path
                    "max_rel_diff": diff, "job_s_median": float(np.median([r["time_s"] for r in ok]))}
             report["batch"].append(row)
             log(f"batch, {w} workers: {wall:.1f} s, {row['jobs_per_s']:.1f} jobs/s, x{row['speedup']:.1f}")
-    report["load_end"] = loadavg()
-    report["total_s"] = time.perf_counter() - start
-    json_path.write_text(json.dumps(report, indent=1))
-    md_path.write_text(render(report))
-    return report
+    return finish_report(report, start, json_path, md_path, render)
 
 
 def render(report: dict) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import REPO_ROOT, bench_main, fmt_s, loadavg, log, machine_info, md_table
+from common import REPO_ROOT, bench_main, finish_report, fmt_s, loadavg, log, machine_info, md_table
 
 import geomreg
 from geomreg.api import versions
@@ -94,8 +94,6 @@ def run_pair(name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) 
 
 
 def run(args: argparse.Namespace, device: torch.device, json_path: Path, md_path: Path) -> dict:
-    import json
-
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(device), "versions": versions(), "blur": BLUR,
                               "load_start": loadavg(), "rows": []}
@@ -106,11 +104,7 @@ def run(args: argparse.Namespace, device: torch.device, json_path: Path, md_path
             continue
         x, y = load_pair(name, points[name], args.seed)
         report["rows"].append(run_pair(name, x, y, args))
-    report["load_end"] = loadavg()
-    report["total_s"] = time.perf_counter() - start
-    json_path.write_text(json.dumps(report, indent=1))
-    md_path.write_text(render(report))
-    return report
+    return finish_report(report, start, json_path, md_path, render)
 
 
 def render(report: dict) -> str:

@@ -6,6 +6,7 @@ only knows how to time a call fairly and how to describe the machine it ran on.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -165,6 +166,16 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def log(msg: str) -> None:
     """Progress to stderr (stdout carries only the final table)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def finish_report(report: dict, start: float, json_path: Path, md_path: Path,
+                  render: Callable[[dict], str]) -> dict:
+    """Record the end load and total time, write the JSON and the markdown; return ``report``."""
+    report["load_end"] = loadavg()
+    report["total_s"] = time.perf_counter() - start
+    json_path.write_text(json.dumps(report, indent=1))
+    md_path.write_text(render(report))
+    return report
 
 
 def bench_main(name: str, args: Any, run: Callable[..., dict], render: Callable[[dict], str]) -> int:
