@@ -91,9 +91,10 @@ def divergence(
             and hausdorff, e.g. ``"SqDist(X,Y)/2"`` (the default for p = 2) or
             ``"Norm2(X-Y)"``; needs the online backend (``auto`` picks it). ``p`` still sets
             eps = blur ** p.
-        truncate: multiscale backend: drop the blocks of cluster pairs whose transport weight
-            is below ``exp(-truncate)`` of their row's best (Sinkhorn; default 5), or whose
-            kernel is below ``exp(-truncate)`` (gaussian, laplacian; default 25).
+        truncate: multiscale backend: drop the pairs whose transport weight is below
+            ``exp(-truncate)`` of their row's best (Sinkhorn; default 6 for p = 2, 15 for
+            p = 1), or whose kernel is below ``exp(-truncate)`` (gaussian, laplacian;
+            default 25).
         cluster_scale: multiscale backend: side of the grid cells that form the clusters;
             default diameter / (sqrt(D) * 2000 ** (1/D)).
         field: sinkhorn: also return the displacement field ``(N, D)`` of the source points

@@ -875,7 +875,7 @@ def test_multiscale_options_and_verbose_summary(clouds):
     assert full.exit_code == 0, full.stderr
     assert full.stderr == ""
     record = strict_json(full.stdout)
-    assert record["backend"] == "multiscale" and record["multiscale"]["truncate"] == 5.0
+    assert record["backend"] == "multiscale" and record["multiscale"]["truncate"] == 6.0
     loud = invoke(
         "distance", clouds["a"], clouds["b"], "--backend", "multiscale", "--cluster-scale", "0.2",
         "--truncate", "8", "--verbose",

@@ -437,7 +437,8 @@ class _Multiscale:
             return pairs
         xy, yx, xx, yy = self.full
         t = self.backend.truncated
-        out = (t(xy, f_ba, g_ab, eps), t(yx, g_ab, f_ba, eps))
+        cut = t(xy, f_ba, g_ab, eps)
+        out = (cut, self.backend.transposed(cut, yx))  # one kernel for both cross updates
         out += (t(xx, f_aa, f_aa, eps), t(yy, g_bb, g_bb, eps)) if self.debias else (None, None)
         kept = {"xy": out[0].kept_fraction, "yx": out[1].kept_fraction}
         if self.debias:

@@ -102,9 +102,65 @@ def test_truncation_never_drops_a_pair_above_the_floor(stored, monkeypatch):
         n_kept += (tile.r1 - tile.r0) * sel.numel()
         kept = torch.zeros(650, dtype=torch.bool)
         kept[sel.long()] = True
-        dropped = score[tile.r0 : tile.r1][:, ~kept]
+        rows = score[tile.r0 : tile.r1]
+        dropped = rows[:, ~kept]
         assert (dropped < -be.sinkhorn_truncate() * eps).all()
+        # relative rule: every dropped pair is tau * eps below the best pair of its row
+        assert (dropped < rows.amax(1, keepdim=True) - be.sinkhorn_truncate() * eps).all()
     assert n_kept == cut.kept_pairs
+
+
+def _kept_mask(cut, rows, cols, n, m):
+    """``(n, m)`` bool, input order: the pairs that the truncated pair ``cut`` keeps."""
+    mask = torch.zeros(n, m, dtype=torch.bool)
+    for t, tile in enumerate(cut.tiles):
+        sel = tile.cols if cut.screen is None else cut.screen.columns(t)
+        j = torch.arange(m) if sel is None else sel.long()
+        mask[rows.perm[tile.r0 : tile.r1][:, None], cols.perm[j][None, :]] = True
+    return mask
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_transposed_pair_reduces_over_exactly_the_transposed_pairs(stored, monkeypatch):
+    """The (y, x) softmin runs over the (x, y) pair's kept set, transposed: values and gradients.
+
+    With stored kept sets, one column (a point of y) is then removed from every tile's: the
+    transposed softmin must give that point its softmin over every point of x.
+    """
+    if not stored:
+        monkeypatch.setattr(ms, "STORED_COLUMNS_BYTES", 0)
+    x, y = _clouds(n=700, m=650, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    f = 0.01 * torch.randn(700, generator=gen, dtype=F64)
+    g = 0.01 * torch.randn(650, generator=gen, dtype=F64)
+    be = get_backend("multiscale", cluster_scale=0.15)
+    rows = be.cluster(x[None], torch.ones(1, 700, dtype=F64), 0.15)
+    cols = be.cluster(y[None], torch.ones(1, 650, dtype=F64), 0.15)
+    eps = 0.002
+    cut = be.truncated(be.pair(x[None], y[None], Cost(2), rows=rows, cols=cols), f[None], g[None], eps)
+    lonely = 0  # sorted column 0 (y[cols.perm[0]]) is kept by no tile
+    if stored:
+        assert cut.kept_fraction < 0.6
+        for tile in cut.tiles:
+            keep = tile.cols != lonely
+            tile.cols = tile.cols[keep] if bool(keep.any()) else tile.cols
+    mask = _kept_mask(cut, rows, cols, 700, 650)
+    yy = y.clone().requires_grad_(True)
+    yx = be.pair(yy[None], x[None], Cost(2), rows=cols, cols=rows)
+    tr = be.transposed(cut, yx)
+    assert tr.transposed and tr.kept_pairs == cut.kept_pairs
+    assert stored or int(mask.sum()) == cut.kept_pairs
+    h = torch.log(torch.full((700,), 1 / 700, dtype=F64)) + f / eps
+    got = be.softmin(eps, tr, h[None])[0]
+    c = ((x[:, None, :] - yy[None, :, :]) ** 2).sum(-1) / 2  # (700, 650)
+    empty = ~mask.any(0)  # points of y that no tile keeps: their softmin is over every x
+    assert bool(empty[cols.perm[lonely]]) == stored
+    z = torch.where(mask | empty[None, :], h[:, None] - c / eps, -math.inf)
+    want = -eps * torch.logsumexp(z, dim=0)
+    assert _rel(got, want) < 1e-12
+    (g_got,) = torch.autograd.grad(got.sum(), yy, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want.sum(), yy)
+    assert _rel(g_got, g_want) < 1e-10
 
 
 def test_screening_in_every_reduction_gives_the_stored_result(monkeypatch):
