@@ -628,24 +628,24 @@ class MultiscaleBackend(Backend):
         block = partial(_softmin_columns_block, eps=eps, p=pair.fn.p)
         grad = torch.is_grad_enabled() and (pair.x.requires_grad or pair.y.requires_grad or h.requires_grad)
         with torch.no_grad():
-            top = torch.full((n + 1,), -math.inf, dtype=h.dtype, device=h.device)
-            total = torch.zeros(n + 1, dtype=h.dtype, device=h.device)
+            top = torch.full((n,), -math.inf, dtype=h.dtype, device=h.device)
+            total = torch.zeros(n, dtype=h.dtype, device=h.device)
             parts, size = [], 0
             for part, j in self._column_parts(pair, h.detach(), block, grad=False):
-                parts.append((part.reshape(-1), j.reshape(-1)))
+                parts.append((part, j))
                 size += part.numel()
                 if size >= SUB_BLOCK * 8:
                     top, total = _merge_lse(top, total, parts)
                     parts, size = [], 0
             top, total = _merge_lse(top, total, parts)
-            lse = (top + total.log())[:n]
+            lse = top + total.log()
             missing = ~torch.isfinite(lse)
         if grad:  # sum again with autograd, stabilized by the exact log-sum-exp
-            shift = torch.cat([torch.where(missing, 0.0, lse), lse.new_zeros(1)])
-            total = torch.zeros(n + 1, dtype=h.dtype, device=h.device)
+            shift = torch.where(missing, 0.0, lse)
+            total = torch.zeros(n, dtype=h.dtype, device=h.device)
             for part, j in self._column_parts(pair, h, block, grad=True):
                 total.index_add_(0, j, (part - shift[j]).exp())
-            lse = shift[:n] + torch.where(missing, 1.0, total[:n]).log()
+            lse = shift + torch.where(missing, 1.0, total).log()
         out = -eps * lse
         if bool(missing.any()):  # rows kept by no block: every column
             rows = missing.nonzero()[:, 0]
