@@ -270,9 +270,11 @@ def truncate_pair(
       :math:`\psi_R` is small exactly for the columns that matter: this bound keeps about
       half as many pairs as the generic one on shifted clouds.
 
-    A column is dropped only if no pair of the tile with it reaches ``floor``. The columns'
-    own tiles (octree cells) are screened first with the same bounds over each cell's ball
-    (:class:`Screen`), then the points of the cells that pass, one by one, tile by tile.
+    A column is dropped only if no pair of the tile with it reaches ``floor``; with
+    ``relative``, the floor of each tile is raised to the least of its rows' best scores
+    minus ``relative`` (:meth:`Screen.row_floor`). The columns' own tiles (octree cells)
+    are screened first with the same bounds over each cell's ball (:class:`Screen`), then
+    the points of the cells that pass, one by one, tile by tile.
     Every tile keeps at least its best column. The kept columns are stored (int32) while
     they take at most :data:`STORED_COLUMNS_BYTES`; beyond, each reduction screens each
     tile's columns again (a pass over its candidate columns, cheap beside the block), so
@@ -611,7 +613,6 @@ class MultiscaleBackend(Backend):
             out = out[pair.row_inverse]
         return out[None]
 
-
     def _softmin_columns(self, eps: float, pair: BlockPair, h: torch.Tensor) -> torch.Tensor:
         r"""Softmin of a transposed pair: each block's log-sum-exp down its columns, merged.
 
@@ -625,7 +626,7 @@ class MultiscaleBackend(Backend):
         softmin over every column.
         """
         n = pair.x.shape[0]
-        block = partial(_softmin_columns_block, eps=eps, p=pair.fn.p)
+        block = partial(_lse_block, eps=eps, p=pair.fn.p)
         grad = torch.is_grad_enabled() and (pair.x.requires_grad or pair.y.requires_grad or h.requires_grad)
         with torch.no_grad():
             top = torch.full((n,), -math.inf, dtype=h.dtype, device=h.device)
@@ -676,8 +677,8 @@ class MultiscaleBackend(Backend):
 
 
 def _column_block(block, rows: slice, j: torch.Tensor, y, x, h) -> torch.Tensor:
-    """``block`` for the tile rows ``rows`` of ``y`` (values ``h``) against the columns ``x[j]``."""
-    return block(y[None, rows], x[j][None], h[None, rows])[0]
+    """``block`` of the columns ``x[j]`` (as rows) against the tile rows ``rows`` of ``y`` (values ``h``)."""
+    return block(x[j], y[rows], h[rows])
 
 
 def _merge_lse(top: torch.Tensor, total: torch.Tensor, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -702,14 +703,19 @@ def _check_single(x: torch.Tensor) -> None:
 
 def _softmin_block(xi: torch.Tensor, yj: torch.Tensor, hj: torch.Tensor, eps: float, p: int) -> torch.Tensor:
     """Dense softmin of rows ``xi (r, D)`` over columns ``yj (m, D)`` with log-weights ``hj``."""
+    return -eps * _lse_block(xi, yj, hj, eps, p)
+
+
+def _lse_block(xi: torch.Tensor, yj: torch.Tensor, hj: torch.Tensor, eps: float, p: int) -> torch.Tensor:
+    r"""``(r,)``: :math:`\log\sum_j \exp(h_j - C(x_i, y_j)/\varepsilon)` for rows ``xi (r, D)``."""
     if p == 2:
         o = xi.detach().mean(0)
         xo, yo = xi - o, yj - o
         hy = hj - (yo * yo).sum(1) / (2 * eps)
         z = torch.addmm(hy[None, :], xo, yo.T, alpha=1.0 / eps)
-        return -eps * (_logsumexp_last(z) - (xo * xo).sum(1) / (2 * eps))
+        return _logsumexp_last(z) - (xo * xo).sum(1) / (2 * eps)
     c = safe_norm(squared_distances(xi[None], yj[None])[0])
-    return -eps * _logsumexp_last(torch.add(hj[None, :], c, alpha=-1.0 / eps))
+    return _logsumexp_last(torch.add(hj[None, :], c, alpha=-1.0 / eps))
 
 
 def _kernel_block(xi: torch.Tensor, yj: torch.Tensor, wj: torch.Tensor, kernel: Kernel) -> torch.Tensor:
@@ -723,15 +729,3 @@ def _kernel_block(xi: torch.Tensor, yj: torch.Tensor, wj: torch.Tensor, kernel: 
         return z.clamp_max(0.0).exp() @ wj
     k = kernel.from_sqdist(squared_distances(xi[None], yj[None])[0])
     return k @ wj
-
-
-def _softmin_columns_block(yi: torch.Tensor, xj: torch.Tensor, hi: torch.Tensor, eps: float, p: int):
-    """``(B, K)``: log-sum-exps over rows ``yi (B, R, D)`` (log-weights ``hi``) for each ``xj (B, K, D)``."""
-    if p == 2:
-        o = yi.detach().mean(1, keepdim=True)
-        yo, xo = yi - o, xj - o
-        hy = hi - (yo * yo).sum(-1) / (2 * eps)
-        z = torch.baddbmm(hy[:, None, :], xo, yo.transpose(1, 2), alpha=1.0 / eps)  # (B, K, R)
-        return _logsumexp_last(z) - (xo * xo).sum(-1) / (2 * eps)
-    c = safe_norm(squared_distances(xj, yi))  # (B, K, R)
-    return _logsumexp_last(torch.add(hi[:, None, :], c, alpha=-1.0 / eps))
