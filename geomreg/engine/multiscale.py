@@ -47,6 +47,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ParameterError
+from . import native
 from .base import Backend, Cost, Kernel, safe_norm
 from .tensorized import _logsumexp_last, squared_distances
 
@@ -56,8 +57,8 @@ TILE_ROWS = 256
 ROW_SAMPLE = 16
 #: entries of one dense sub-block computed at once (~2 MiB in float32)
 SUB_BLOCK = 1 << 19
-#: largest memory for the kept columns of one truncated pair (int32 indices); beyond it each
-#: reduction screens the columns again (about 1M points at a tenth of the pairs kept)
+#: largest memory for the stored kept columns of one truncated pair (runs of consecutive
+#: columns, 8 bytes a run); beyond it each reduction screens the columns again
 STORED_COLUMNS_BYTES = 1 << 28
 #: default truncation of the Sinkhorn blocks, in units of epsilon, by cost exponent p. A
 #: pair is dropped when its plan weight is below e^-tau of its row's best; the dropped
@@ -225,6 +226,19 @@ class BlockPair:
     kept_pairs: int = 0
     screen: Screen | None = None
     transposed: bool = False
+    #: the stored kept columns, as runs of consecutive sorted columns (Morton order makes
+    #: them long: 12 columns on average at 20k points): tile t keeps ``lo[k]:hi[k]`` for k in
+    #: ``ptr[t]:ptr[t+1]`` (int32 bounds, int64 offsets). None: see ``screen`` / ``tiles``
+    runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def columns(self, t: int) -> torch.Tensor | None:
+        """Sorted indices (int32) of tile ``t``'s kept columns; None: every column."""
+        if self.screen is not None:
+            return self.screen.columns(t)
+        if self.runs is not None:
+            ptr, lo, hi = self.runs
+            return _expand_runs(lo[ptr[t] : ptr[t + 1]], hi[ptr[t] : ptr[t + 1]])
+        return self.tiles[t].cols
 
     @property
     def row_inverse(self) -> torch.Tensor | None:
@@ -275,24 +289,63 @@ def truncate_pair(
     minus ``relative`` (:meth:`Screen.row_floor`). The columns' own tiles (octree cells)
     are screened first with the same bounds over each cell's ball (:class:`Screen`), then
     the points of the cells that pass, one by one, tile by tile.
-    Every tile keeps at least its best column. The kept columns are stored (int32) while
-    they take at most :data:`STORED_COLUMNS_BYTES`; beyond, each reduction screens each
-    tile's columns again (a pass over its candidate columns, cheap beside the block), so
-    memory stays linear in N + M at any size.
+    Every tile keeps at least its best column. The kept columns are stored as runs of
+    consecutive sorted columns (``BlockPair.runs``) while they take at most
+    :data:`STORED_COLUMNS_BYTES`; beyond, each reduction screens each tile's columns again (a
+    pass over its candidate columns, cheap beside the block), so memory stays linear in
+    N + M at any size. For p = 2 in float32 on the CPU the point screening runs compiled
+    (:class:`.native.TileScreen`, the same bound computed without the expansion).
     """
     screen = Screen(pair, gap_cost, f, g, floor, quadratic, relative)
-    tiles, kept, stored = [], 0, 0
-    for t, tile in enumerate(pair.tiles):
-        sel = screen.columns(t)
-        kept += (tile.r1 - tile.r0) * (pair.y.shape[0] if sel is None else sel.numel())
-        stored += 0 if sel is None else sel.numel() * 4
-        if stored > STORED_COLUMNS_BYTES:  # too many to store: screen in every reduction
-            tiles = None
-        if tiles is not None:
-            tiles.append(Tile(tile.r0, tile.r1, sel))
-    if tiles is None:
-        return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, screen)
-    return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept)
+    sizes = torch.tensor([t.r1 - t.r0 for t in pair.tiles], dtype=torch.int64)
+    if screen.compiled is not None:  # counts first; the runs if they can be stored
+        kept = int((sizes * screen.compiled.counts).sum())
+        if int(screen.compiled.runs.sum()) * 8 > STORED_COLUMNS_BYTES:
+            return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, screen)
+        runs = screen.compiled.fill(0, len(pair.tiles))
+    else:
+        sels, kept, stored = [], 0, 0
+        every = torch.arange(pair.y.shape[0], dtype=torch.int32, device=pair.y.device)
+        for t in range(len(pair.tiles)):
+            sel = screen.columns(t)
+            sel = every if sel is None else sel
+            kept += int(sizes[t]) * sel.numel()
+            stored += 8 * int((sel[1:] != sel[:-1] + 1).sum() + 1)  # 8 bytes a run
+            if stored > STORED_COLUMNS_BYTES:
+                sels = None
+            elif sels is not None:
+                sels.append(sel)
+        if sels is None:  # too many to store: screen in every reduction
+            return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, screen)
+        runs = _runs_of(sels)
+    tiles = [Tile(t.r0, t.r1) for t in pair.tiles]
+    return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept, runs=runs)
+
+
+def _runs_of(sels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ptr, lo, hi)``: the sorted index lists ``sels`` as runs of consecutive indices."""
+    los, his, counts = [], [], []
+    for sel in sels:
+        sel = sel.long()
+        start = torch.ones(sel.shape[0], dtype=torch.bool, device=sel.device)
+        start[1:] = sel[1:] != sel[:-1] + 1
+        first = start.nonzero()[:, 0]
+        last = torch.cat([first[1:], first.new_tensor([sel.shape[0]])])[: first.shape[0]] - 1
+        los.append(sel[first].to(torch.int32))
+        his.append((sel[last] + 1).to(torch.int32))
+        counts.append(first.shape[0])
+    ptr = _starts(torch.tensor(counts, dtype=torch.int64))
+    empty = torch.zeros(0, dtype=torch.int32)
+    return ptr, torch.cat(los) if los else empty, torch.cat(his) if his else empty
+
+
+def _expand_runs(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The sorted indices (int32) in the runs ``lo[k]:hi[k]``."""
+    lengths = (hi - lo).long()
+    total = int(lengths.sum())
+    offsets = torch.cumsum(lengths, 0) - lengths
+    out = torch.repeat_interleave(lo.long() - offsets, lengths, output_size=total)
+    return (out + torch.arange(total, device=out.device)).to(torch.int32)
 
 
 class Screen:
@@ -343,6 +396,12 @@ class Screen:
             cells.append(keep.nonzero(as_tuple=True)[1].to(torch.int32))  # row-major: by tile
             counts.append(keep.sum(1))
         self.cells, self.cell_ptr = torch.cat(cells), _starts(torch.cat(counts))
+        self.compiled = None  # the point screening, compiled: p = 2, float32 on the CPU
+        if quadratic and f is not None and native.usable(x, y, f, self.gs):
+            bounds = [torch.tensor([t.r0 for t in pair.tiles]), torch.tensor([t.r1 for t in pair.tiles])]
+            self.compiled = native.TileScreen(
+                native.points3(x), f, native.points3(y), self.gs, *bounds, self.stats, self.cells,
+                self.cell_ptr, self.col_starts, floor, relative, ROW_SAMPLE)
 
     def bound(self, t, w, spread, g_top):
         """Upper bound of the scores of row tiles ``t`` with columns at ``w`` (+- ``spread``)."""
@@ -391,6 +450,9 @@ class Screen:
 
     def columns(self, t: int) -> torch.Tensor | None:
         """Sorted indices (int32) of row tile ``t``'s kept columns; None: every column."""
+        if self.compiled is not None:
+            _, lo, hi = self.compiled.fill(t, t + 1)
+            return _expand_runs(lo, hi)
         cells = self.cells[self.cell_ptr[t] : self.cell_ptr[t + 1]].long()
         lo = self.col_starts[cells]
         counts = self.col_starts[cells + 1] - lo
@@ -535,7 +597,7 @@ class MultiscaleBackend(Backend):
         summed down the columns.
         """
         return BlockPair(other.x, other.y, other.fn, cut.tiles, other.rows, other.cols,
-                         cut.kept_pairs, cut.screen, transposed=True)
+                         cut.kept_pairs, cut.screen, transposed=True, runs=cut.runs)
 
     # -- the engine contract ---------------------------------------------------------------
 
@@ -582,6 +644,8 @@ class MultiscaleBackend(Backend):
         if not isinstance(pair.fn, Cost):
             raise TypeError("softmin needs a cost pair")
         hs = h[0] if pair.col_perm is None else h[0][pair.col_perm]
+        if pair.fn.p == 2 and native.usable(pair.x, pair.y, hs):
+            return self._softmin_native(eps, pair, hs)
         if pair.transposed:
             return self._softmin_columns(eps, pair, hs)
         return self._reduce(pair, hs, lambda xi, yj, hj: _softmin_block(xi, yj, hj, eps, pair.fn.p))
@@ -593,12 +657,39 @@ class MultiscaleBackend(Backend):
         ws = w[0] if pair.col_perm is None else w[0][pair.col_perm]
         return self._reduce(pair, ws, lambda xi, yj, wj: _kernel_block(xi, yj, wj, pair.fn))
 
+    def _softmin_native(self, eps: float, pair: BlockPair, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`softmin` through the compiled kernel (:mod:`.native`): same blocks, same values."""
+        p, q = native.points3(pair.x), native.points3(pair.y)
+        if pair.transposed:  # tiles over pair.y (values h), kept entries index pair.x
+            n, w = pair.x.shape[0], native.n_workers()
+            amax = torch.full((w, n), -math.inf, dtype=torch.float32)
+            asum = torch.zeros(w, n, dtype=torch.float64)
+            first = 0  # the chunk's first tile: the workers' sums do not depend on the chunks
+            for r0, r1, ptr, lo, hi in _tile_chunks(pair):
+                native.cols_lse(q, p, h, r0, r1, ptr, lo, hi, eps, amax, asum, t_offset=first)
+                first += r0.shape[0]
+            lse = native.merge_workers(amax, asum)
+            missing = ~torch.isfinite(lse)
+            out = -eps * lse
+            if bool(missing.any()):  # rows kept by no block: every column
+                rows = missing.nonzero()[:, 0]
+                full = BlockPair(pair.x[rows], pair.y, pair.fn, _chunks(rows.shape[0]))
+                out[rows] = self._softmin_native(eps, full, h)[0]
+        else:
+            lse = torch.empty(pair.x.shape[0], dtype=torch.float32)
+            for r0, r1, ptr, lo, hi in _tile_chunks(pair):
+                native.rows_lse(p, q, h, r0, r1, ptr, lo, hi, eps, lse)
+            out = -eps * lse
+        if pair.row_inverse is not None:
+            out = out[pair.row_inverse]
+        return out[None]
+
     def _reduce(self, pair: BlockPair, col: torch.Tensor, block) -> torch.Tensor:
         """Run ``block(rows, cols, col_vector) -> (rows,)`` over every tile, in sub-blocks."""
         outs = []
         grad = torch.is_grad_enabled() and (pair.x.requires_grad or pair.y.requires_grad or col.requires_grad)
         for t, tile in enumerate(pair.tiles):
-            cols = tile.cols if pair.screen is None else pair.screen.columns(t)
+            cols = pair.columns(t)
             yj = pair.y if cols is None else pair.y[cols]
             cj = col if cols is None else col[cols]
             step = max(8, SUB_BLOCK // max(1, yj.shape[0]))
@@ -668,12 +759,58 @@ class MultiscaleBackend(Backend):
             return fn(pair.y, pair.x, h)
 
         for t, tile in enumerate(pair.tiles):
-            sel = tile.cols if pair.screen is None else pair.screen.columns(t)
+            sel = pair.columns(t)
             j = torch.arange(n, device=h.device) if sel is None else sel.long()
             step = max(8, SUB_BLOCK // max(1, j.shape[0]))
             for r0 in range(tile.r0, tile.r1, step):
                 rows = slice(r0, min(r0 + step, tile.r1))
                 yield run(partial(_column_block, block, rows, j)), j
+
+
+#: kept columns screened at once for the compiled kernel when their runs are not stored
+_CHUNK_COLUMNS = 1 << 24
+
+
+def _tile_chunks(pair: BlockPair):
+    """``(r0, r1, ptr, lo, hi)`` for the compiled kernel: runs of tiles and their kept columns.
+
+    One run of tiles with the stored runs of columns (``pair.runs``), or with ``lo = None``
+    (every column) when no tile was truncated; when the runs are too many to store, runs of
+    tiles screened again, each with about :data:`_CHUNK_COLUMNS` kept columns.
+    """
+    def bounds(tiles):
+        return (torch.tensor([t.r0 for t in tiles], dtype=torch.int64),
+                torch.tensor([t.r1 for t in tiles], dtype=torch.int64))
+
+    screen = pair.screen
+    if screen is None:
+        if pair.runs is not None:
+            yield (*bounds(pair.tiles), *pair.runs)
+        elif all(t.cols is None for t in pair.tiles):
+            yield (*bounds(pair.tiles), None, None, None)
+        else:
+            every = torch.arange(pair.y.shape[0], dtype=torch.int32)
+            yield (*bounds(pair.tiles), *_runs_of([every if t.cols is None else t.cols for t in pair.tiles]))
+        return
+    if screen.compiled is not None:  # runs of tiles, the columns filled in one call each
+        ends = torch.cumsum(screen.compiled.counts, 0)
+        start = 0
+        while start < len(pair.tiles):
+            base = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(torch.searchsorted(ends, base + _CHUNK_COLUMNS, right=True)))
+            stop = min(stop, len(pair.tiles))
+            yield (*bounds(pair.tiles[start:stop]), *screen.compiled.fill(start, stop))
+            start = stop
+        return
+    every = torch.arange(pair.y.shape[0], dtype=torch.int32)
+    start, sels, size = 0, [], 0
+    for t in range(len(pair.tiles)):
+        sel = screen.columns(t)
+        sels.append(every if sel is None else sel)
+        size += sels[-1].numel()
+        if size >= _CHUNK_COLUMNS or t == len(pair.tiles) - 1:
+            yield (*bounds(pair.tiles[start : t + 1]), *_runs_of(sels))
+            start, sels, size = t + 1, [], 0
 
 
 def _column_block(block, rows: slice, j: torch.Tensor, y, x, h) -> torch.Tensor:

@@ -98,7 +98,7 @@ def test_truncation_never_drops_a_pair_above_the_floor(stored, monkeypatch):
     score = fs[:, None] + gs[None, :] - ((xs[:, None] - ys[None]) ** 2).sum(-1) / 2
     n_kept = 0
     for t, tile in enumerate(cut.tiles):
-        sel = tile.cols if stored else cut.screen.columns(t)
+        sel = cut.columns(t)
         n_kept += (tile.r1 - tile.r0) * sel.numel()
         kept = torch.zeros(650, dtype=torch.bool)
         kept[sel.long()] = True
@@ -114,7 +114,7 @@ def _kept_mask(cut, rows, cols, n, m):
     """``(n, m)`` bool, input order: the pairs that the truncated pair ``cut`` keeps."""
     mask = torch.zeros(n, m, dtype=torch.bool)
     for t, tile in enumerate(cut.tiles):
-        sel = tile.cols if cut.screen is None else cut.screen.columns(t)
+        sel = cut.columns(t)
         j = torch.arange(m) if sel is None else sel.long()
         mask[rows.perm[tile.r0 : tile.r1][:, None], cols.perm[j][None, :]] = True
     return mask
@@ -141,9 +141,8 @@ def test_transposed_pair_reduces_over_exactly_the_transposed_pairs(stored, monke
     lonely = 0  # sorted column 0 (y[cols.perm[0]]) is kept by no tile
     if stored:
         assert cut.kept_fraction < 0.6
-        for tile in cut.tiles:
-            keep = tile.cols != lonely
-            tile.cols = tile.cols[keep] if bool(keep.any()) else tile.cols
+        sels = [cut.columns(t) for t in range(len(cut.tiles))]
+        cut.runs = ms._runs_of([s[s != lonely] if bool((s != lonely).any()) else s for s in sels])
     mask = _kept_mask(cut, rows, cols, 700, 650)
     yy = y.clone().requires_grad_(True)
     yx = be.pair(yy[None], x[None], Cost(2), rows=cols, cols=rows)

@@ -1,0 +1,345 @@
+/* Block-sparse log-sum-exp reductions and screening for the multiscale backend
+ * (p = 2, float32, CPU).
+ *
+ * Compiled once per machine by geomreg/engine/native.py and called through ctypes: every
+ * caller thread runs the same function, taking tiles from a shared counter. Points are 3-D
+ * (smaller dimensions are padded with zeros).
+ *
+ * A tile is the range of rows r0[t]..r1[t]-1 of the sorted points p, against the columns of
+ * the sorted points q in its runs: lo[k]..hi[k]-1 for k in ptr[t]..ptr[t+1]-1 (every column
+ * when lo is NULL). Kept columns come in runs because the points are sorted along a Morton
+ * curve: storing runs takes a fraction of the memory of the indices, and a run is read
+ * straight from memory. With the cost |p - q|^2 / 2 and log-weights h,
+ *   rows_lse writes, for each row i, log sum_j exp(h_j - |p_i - q_j|^2 / (2 eps)) over its
+ *     tile's columns;
+ *   cols_lse reduces the other way: the log-weights hp belong to the tile's rows, and for
+ *     each kept column j it merges log sum_i exp(hp_i - |p_i - q_j|^2 / (2 eps)) into the
+ *     worker's running maximum and sum (amax[j], asum[j]); the caller merges the workers.
+ *     Worker w of W takes the tiles t with (t + t_offset) % W == w, in increasing order, so
+ *     that the sums do not depend on timing, nor on how the tiles were cut into calls.
+ *
+ * Both expand |p - q|^2 around the tile's centroid o, so that the rounding scales with the
+ * tile's neighbourhood, not with the cloud: with u = p - o and v = q - o,
+ *     z_ij = (h_j - |v_j|^2 / (2 eps)) + <u_i, v_j> / eps - |u_i|^2 / (2 eps).
+ * exp is a polynomial (Cephes' range reduction and coefficients, relative error below 2e-7)
+ * that the compiler vectorizes; sums of up to CHUNK terms run in float, chunks add up in
+ * double.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define CHUNK 512
+
+static inline float exp_neg(float x) {
+    /* exp(x) for x <= 0; below -87 it returns about 1.6e-38 instead of a denormal. Above 0
+     * (the second pass recomputing a term a rounding above the first pass's maximum) it
+     * returns 1: nothing ever overflows. */
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 0.0f ? 0.0f : x;
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* log sum_j exp(a_j + <u_k, (v0_j, v1_j, v2_j)>) over m columns, for R rows u_k at once
+ * (sharing the loads of the columns), two passes: the maximum, then the sum of exponentials. */
+#define ROW_LSE(R)                                                                              \
+    static void row_lse##R(const float *a, const float *v0, const float *v1, const float *v2,    \
+                           int64_t m, const float *u, double *out) {                           \
+        float top[R], s[R];                                                                     \
+        double total[R];                                                                        \
+        for (int k = 0; k < R; k++) top[k] = -INFINITY, total[k] = 0.0;                        \
+        for (int64_t j = 0; j < m; j++)                                                         \
+            for (int k = 0; k < R; k++) {                                                       \
+                float z = a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] + u[3 * k + 2] * v2[j]; \
+                top[k] = z > top[k] ? z : top[k];                                               \
+            }                                                                                   \
+        for (int64_t c = 0; c < m; c += CHUNK) {                                                \
+            int64_t end = c + CHUNK < m ? c + CHUNK : m;                                        \
+            for (int k = 0; k < R; k++) s[k] = 0.0f;                                            \
+            for (int64_t j = c; j < end; j++)                                                   \
+                for (int k = 0; k < R; k++)                                                     \
+                    s[k] += exp_neg(a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] +            \
+                                    u[3 * k + 2] * v2[j] - top[k]);                             \
+            for (int k = 0; k < R; k++) total[k] += s[k];                                       \
+        }                                                                                       \
+        for (int k = 0; k < R; k++) out[k] = (double)top[k] + log(total[k]);                   \
+    }
+ROW_LSE(1)
+ROW_LSE(4)
+
+/* Centroid of rows r0..r1-1 of p (N x 3). */
+static void centroid(const float *p, int64_t r0, int64_t r1, float o[3]) {
+    double s[3] = {0.0, 0.0, 0.0};
+    for (int64_t i = r0; i < r1; i++)
+        for (int d = 0; d < 3; d++) s[d] += p[3 * i + d];
+    for (int d = 0; d < 3; d++) o[d] = (float)(s[d] / (double)(r1 - r0 > 0 ? r1 - r0 : 1));
+}
+
+/* Number of columns of tile t. */
+static int64_t n_columns(const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t t, int64_t m_all) {
+    if (!lo) return m_all;
+    int64_t m = 0;
+    for (int64_t k = ptr[t]; k < ptr[t + 1]; k++) m += hi[k] - lo[k];
+    return m;
+}
+
+/* Points of one tile's runs (or of first..first+m-1 when lo is NULL), centred on o, in
+ * structure-of-arrays form: v0, v1, v2 = (q - o) / eps and a = h - |q - o|^2 / (2 eps). */
+static void gather(const float *q, const float *h, const int64_t *ptr, const int32_t *lo, const int32_t *hi,
+                   int64_t t, int64_t first, int64_t m, const float o[3], float inv_eps, float *a, float *v0,
+                   float *v1, float *v2) {
+    int64_t k = 0, n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
+    for (int64_t r = 0; r < n_runs; r++) {
+        int64_t j0 = lo ? lo[ptr[t] + r] : first, j1 = lo ? hi[ptr[t] + r] : first + m;
+        for (int64_t j = j0; j < j1; j++, k++) {
+            float w0 = q[3 * j] - o[0], w1 = q[3 * j + 1] - o[1], w2 = q[3 * j + 2] - o[2];
+            v0[k] = w0 * inv_eps;
+            v1[k] = w1 * inv_eps;
+            v2[k] = w2 * inv_eps;
+            a[k] = h[j] - 0.5f * (w0 * w0 + w1 * w1 + w2 * w2) * inv_eps;
+        }
+    }
+}
+
+/* A worker's buffer of at least 4 * m floats; NULL when out of memory. */
+static float *reserve(float **buf, int64_t *cap, int64_t m) {
+    if (m < 1) m = 1;
+    if (m > *cap) {
+        free(*buf);
+        *cap = m;
+        *buf = (float *)malloc(4 * (size_t)m * sizeof(float));
+    }
+    return *buf;
+}
+
+/* For R (1 or 4) consecutive points pts (R x 3), log sum_j exp(a_j + <pts - o, v_j>) -
+ * |pts - o|^2 / (2 eps) over the m columns (a, v0, v1, v2) of gather. */
+static void points_lse(const float *a, const float *v0, const float *v1, const float *v2, int64_t m,
+                       const float *pts, int R, const float o[3], float inv_eps, float *out) {
+    float u[12];
+    double lse[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int k = 0; k < R; k++)
+        for (int d = 0; d < 3; d++) u[3 * k + d] = pts[3 * k + d] - o[d];
+    if (R == 4)
+        row_lse4(a, v0, v1, v2, m, u, lse);
+    else
+        row_lse1(a, v0, v1, v2, m, u, lse);
+    for (int k = 0; k < R; k++) {
+        const float *w = u + 3 * k;
+        out[k] = (float)(lse[k] - 0.5 * (double)(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * inv_eps);
+    }
+}
+
+/* Per tile: log-sum-exp over its columns for each of its rows (out: one value per row of p). */
+int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, const int64_t *r1,
+             int64_t n_tiles, const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t m_all,
+             float eps, float *out, int64_t *counter) {
+    float inv_eps = 1.0f / eps;
+    int64_t cap = 0;
+    float *buf = NULL;
+    for (;;) {
+        int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+        if (t >= n_tiles) break;
+        int64_t m = n_columns(ptr, lo, hi, t, m_all);
+        if (!reserve(&buf, &cap, m)) return -1;
+        float o[3];
+        centroid(p, r0[t], r1[t], o);
+        float *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap;
+        gather(q, h, ptr, lo, hi, t, 0, m, o, inv_eps, a, v0, v1, v2);
+        if (m == 0) {
+            for (int64_t i = r0[t]; i < r1[t]; i++) out[i] = -INFINITY;
+            continue;
+        }
+        for (int64_t i = r0[t], R; i < r1[t]; i += R) {
+            R = r1[t] - i >= 4 ? 4 : 1;
+            float lse[4];
+            points_lse(a, v0, v1, v2, m, p + 3 * i, R, o, inv_eps, lse);
+            for (int k = 0; k < R; k++) out[i + k] = lse[k];
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Columns j0..j1-1 of q against one tile (a, u: its rows from gather), merged into the
+ * worker's running maximum and sum. */
+static void process_columns(const float *a, const float *u0, const float *u1, const float *u2, int64_t rows,
+                            const float *q, const float o[3], float inv_eps, int64_t j0, int64_t j1,
+                            float *amax, double *asum) {
+    for (int64_t j = j0, R; j < j1; j += R) {
+        R = j1 - j >= 4 ? 4 : 1;
+        float lse[4];
+        points_lse(a, u0, u1, u2, rows, q + 3 * j, R, o, inv_eps, lse);
+        for (int l = 0; l < R; l++) {
+            float part = lse[l];
+            int64_t jl = j + l;
+            if (!(part > -INFINITY)) continue;
+            if (part > amax[jl]) {
+                asum[jl] = asum[jl] * exp((double)amax[jl] - (double)part) + 1.0;
+                amax[jl] = part;
+            } else {
+                asum[jl] += exp((double)part - (double)amax[jl]);
+            }
+        }
+    }
+}
+
+/* Per tile: for each kept column j, log sum_i exp(hp_i - |p_i - q_j|^2 / (2 eps)) over the
+ * tile's rows i, merged into (amax[j], asum[j]): log sum = amax + log(asum). */
+int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0, const int64_t *r1,
+             int64_t n_tiles, const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t m_all,
+             float eps, float *amax, double *asum, int64_t worker, int64_t n_workers, int64_t t_offset) {
+    float inv_eps = 1.0f / eps;
+    int64_t cap = 0;
+    float *buf = NULL;
+    int64_t first = ((worker - t_offset) % n_workers + n_workers) % n_workers;
+    for (int64_t t = first; t < n_tiles; t += n_workers) {
+        int64_t rows = r1[t] - r0[t];
+        if (!reserve(&buf, &cap, rows)) return -1;
+        float o[3];
+        centroid(p, r0[t], r1[t], o);
+        float *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap;
+        gather(p, hp, NULL, NULL, NULL, t, r0[t], rows, o, inv_eps, a, u0, u1, u2);
+        int64_t n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
+        for (int64_t r = 0; r < n_runs; r++) {
+            int64_t j0 = lo ? lo[ptr[t] + r] : 0, j1 = lo ? hi[ptr[t] + r] : m_all;
+            process_columns(a, u0, u1, u2, rows, q, o, inv_eps, j0, j1, amax, asum);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Screening of a truncated Sinkhorn pair, p = 2 (the quadratic bound of truncate_pair).
+ *
+ * Row tile t (sorted rows r0[t]..r1[t]-1 of x, potentials f) has the bound statistics
+ * centre[t], beta[t], top[t] and radius[t]; its candidate columns are the sorted points of
+ * the column cells cells[cell_ptr[t]..cell_ptr[t+1]-1], cell k being col_starts[k]..
+ * col_starts[k+1]-1 of y (potentials g). The bound of column j, with w = y_j - centre, is
+ *     top + psi_R(|w + beta|) + g_j - |w|^2 / 2,   psi_R(z) = z^2/2 (z <= R), R z - R^2/2.
+ * The tile's floor is `floor`, raised when relative >= 0 to (the least over its rows of the
+ * best exact score against the `sample` candidates of highest bound) - relative.
+ * A column is kept when its bound reaches the floor; the column of highest bound always is.
+ *
+ * mode 0 writes, for every tile, tile_floor[t], count[t] (kept columns), runs[t] (runs of
+ * consecutive kept columns) and best[t] (the column of highest bound); mode 1 writes tile
+ * t's runs, in increasing order, to lo/hi[ptr[t] - ptr[t_begin]...], reading tile_floor and
+ * best. Tiles are taken from *counter up to t_end. Returns -1 when out of memory. */
+static inline float quad_bound(const float *y, const float *g, int64_t j, const float *c, const float *b,
+                               float top, float radius) {
+    float w0 = y[3 * j] - c[0], w1 = y[3 * j + 1] - c[1], w2 = y[3 * j + 2] - c[2];
+    float z0 = w0 + b[0], z1 = w1 + b[1], z2 = w2 + b[2];
+    float zz = z0 * z0 + z1 * z1 + z2 * z2;
+    float psi = zz <= radius * radius ? 0.5f * zz : radius * sqrtf(zz) - 0.5f * radius * radius;
+    return top + psi + g[j] - 0.5f * (w0 * w0 + w1 * w1 + w2 * w2);
+}
+
+/* Keeps the `size` largest scores seen in a min-heap (s, j) of capacity `size`. */
+static void heap_push(float *hs, int64_t *hj, int64_t *n, int64_t size, float s, int64_t j) {
+    int64_t i;
+    if (*n < size) { /* sift up */
+        i = (*n)++;
+        while (i > 0 && hs[(i - 1) / 2] > s) {
+            hs[i] = hs[(i - 1) / 2], hj[i] = hj[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+    } else if (s > hs[0]) { /* replace the least, sift down */
+        i = 0;
+        for (;;) {
+            int64_t l = 2 * i + 1, r = l + 1, m = i;
+            float sm = s;
+            if (l < *n && hs[l] < sm) m = l, sm = hs[l];
+            if (r < *n && hs[r] < sm) m = r;
+            if (m == i) break;
+            hs[i] = hs[m], hj[i] = hj[m];
+            i = m;
+        }
+    } else {
+        return;
+    }
+    hs[i] = s, hj[i] = j;
+}
+
+int screen_tiles(const float *x, const float *f, const float *y, const float *g, const int64_t *r0,
+                 const int64_t *r1, const float *centre, const float *beta, const float *top,
+                 const float *radius, const int64_t *cell_ptr, const int32_t *cells,
+                 const int64_t *col_starts, float floor, float relative, int64_t sample, int mode,
+                 float *tile_floor, int64_t *count, int64_t *runs, int32_t *best, const int64_t *ptr,
+                 int32_t *lo, int32_t *hi, int64_t t_begin, int64_t t_end, int64_t *counter) {
+    int64_t size = sample > 0 ? sample : 1;
+    int64_t *heap_j = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    float *heap_s = (float *)malloc((size_t)size * sizeof(float));
+    if (!heap_j || !heap_s) {
+        free(heap_j);
+        free(heap_s);
+        return -1;
+    }
+    for (;;) {
+        int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+        if (t >= t_end) break;
+        const float *c = centre + 3 * t, *b = beta + 3 * t;
+        float tp = top[t], rad = radius[t], fl = floor;
+        int64_t arg = -1;
+        if (mode == 0) { /* the best column, the floor */
+            int64_t n_heap = 0;
+            float high = -INFINITY;
+            for (int64_t e = cell_ptr[t]; e < cell_ptr[t + 1]; e++)
+                for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++) {
+                    float s = quad_bound(y, g, j, c, b, tp, rad);
+                    if (s > high || arg < 0) high = s, arg = j;
+                    if (relative >= 0) heap_push(heap_s, heap_j, &n_heap, size, s, j);
+                }
+            if (relative >= 0 && n_heap > 0) {
+                float least = INFINITY;
+                for (int64_t i = r0[t]; i < r1[t]; i++) {
+                    float row_best = -INFINITY;
+                    for (int64_t k = 0; k < n_heap; k++) {
+                        int64_t j = heap_j[k];
+                        float d0 = x[3 * i] - y[3 * j], d1 = x[3 * i + 1] - y[3 * j + 1];
+                        float d2 = x[3 * i + 2] - y[3 * j + 2];
+                        float s = f[i] + g[j] - 0.5f * (d0 * d0 + d1 * d1 + d2 * d2);
+                        row_best = s > row_best ? s : row_best;
+                    }
+                    least = row_best < least ? row_best : least;
+                }
+                if (least - relative > fl) fl = least - relative;
+            }
+            tile_floor[t] = fl, best[t] = (int32_t)arg;
+        } else {
+            fl = tile_floor[t], arg = best[t];
+        }
+        /* the kept columns, in increasing order, as runs */
+        int64_t n = 0, n_runs = 0, k = mode == 1 ? ptr[t] - ptr[t_begin] : 0, last = -2;
+        for (int64_t e = cell_ptr[t]; e < cell_ptr[t + 1]; e++)
+            for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++) {
+                if (!(quad_bound(y, g, j, c, b, tp, rad) >= fl || j == arg)) continue;
+                n++;
+                if (j != last + 1) {
+                    if (mode == 1) {
+                        if (n_runs > 0) hi[k++] = (int32_t)(last + 1);
+                        lo[k] = (int32_t)j;
+                    }
+                    n_runs++;
+                }
+                last = j;
+            }
+        if (mode == 1 && n_runs > 0) hi[k] = (int32_t)(last + 1);
+        if (mode == 0) count[t] = n, runs[t] = n_runs;
+    }
+    free(heap_j);
+    free(heap_s);
+    return 0;
+}

@@ -1,0 +1,245 @@
+r"""The multiscale backend's compiled log-sum-exp kernel (``lse_kernel.c``), through ctypes.
+
+The p = 2 softmin over kept blocks is the hot loop of a large Sinkhorn solve. In torch each
+block costs a matrix product and four passes over its entries (maximum, subtraction, ``exp``,
+sum) through memory; ``lse_kernel.c`` fuses them into two passes over registers and runs
+about twice as fast on the CPU (measured in ``bench/bench_scale.py``'s pair throughput).
+
+The kernel is compiled once per machine with the system's C compiler (``$CC``, else ``cc``;
+about one second) into geomreg's cache folder (``$XDG_CACHE_HOME/geomreg`` or
+``~/.cache/geomreg``), under a name that hashes the source, the flags, the compiler's version
+and the CPU, so that a cache shared between machines never loads a build for another CPU.
+The library is written to a temporary name and renamed into place: concurrent first runs
+each compile and the last rename wins, and no process ever loads a half-written file.
+
+Where no compiler works, or with ``GEOMREG_NATIVE=0`` in the environment, :func:`kernel`
+returns None and the backend keeps its torch path (same values); geomreg says why once on
+stderr. The kernel covers float32 on the CPU without autograd; everything else (float64,
+gradients, CUDA, p = 1, kernels) runs in torch.
+
+Threads: the callers run one worker per torch thread (``torch.get_num_threads()``), each a
+ctypes call (which releases the GIL) taking tiles from a shared counter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("lse_kernel.c")
+#: -march=native: the cache key holds the CPU's flags. No -ffast-math: -inf must stay -inf
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros", "-shared", "-fPIC"]
+#: set to 0 to keep the torch path (e.g. to compare both)
+ENV_SWITCH = "GEOMREG_NATIVE"
+
+_state: dict[str, Any] = {"lib": None, "tried": False, "pool": None, "pool_size": 0}
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def cache_folder() -> Path:
+    """The per-user cache folder (``$XDG_CACHE_HOME/geomreg`` or ``~/.cache/geomreg``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geomreg"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's model and flags."""
+    key = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags", "Features"))]
+        key += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return key
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Compile :data:`SOURCE` into ``target`` through a temporary file renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError(" ".join((proc.stderr or proc.stdout).split())[:300])
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    """Compile (once per machine) and load the kernel; raises OSError when that fails."""
+    cc = os.environ.get("CC") or "cc"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OSError(f"no C compiler ({cc}): {exc}") from None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    target = cache_folder() / "native" / f"lse-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        print("geomreg: compiling the multiscale kernel once (about 1 s)", file=sys.stderr, flush=True)
+        _compile(cc, target)
+    lib = ctypes.CDLL(str(target))
+    common = [_P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _F32]
+    lib.rows_lse.argtypes = [*common, _P, _P]
+    lib.cols_lse.argtypes = [*common, _P, _P, _I64, _I64, _I64]
+    lib.screen_tiles.argtypes = [_P] * 13 + [_F32, _F32, _I64, ctypes.c_int] + [_P] * 7 + [_I64, _I64, _P]
+    lib.rows_lse.restype = lib.cols_lse.restype = lib.screen_tiles.restype = ctypes.c_int
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (no compiler, or ``GEOMREG_NATIVE=0``): the torch path then."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["lib"] = _load()
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"geomreg: the multiscale kernel could not be built ({exc}); using torch, "
+                  "about half as fast", file=sys.stderr, flush=True)
+    return _state["lib"]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel can take these: float32 CPU tensors without autograd, and a kernel."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return False
+    return kernel() is not None
+
+
+def points3(x: torch.Tensor) -> torch.Tensor:
+    """``(N, 3)`` contiguous float32 copy of ``x (N, D <= 3)``, padded with zeros."""
+    x = x.detach()
+    if x.shape[1] < 3:
+        x = torch.cat([x, x.new_zeros(x.shape[0], 3 - x.shape[1])], dim=1)
+    return x.contiguous()
+
+
+def n_workers() -> int:
+    """Worker threads per call: torch's thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def _run(fn, args_of_worker, count: int | None = None) -> None:
+    """Run ``fn(*args_of_worker(w))`` on ``count`` threads (:func:`n_workers`) and wait.
+
+    A worker returning non-zero could not allocate its buffer: MemoryError.
+    """
+    n = count or n_workers()
+    if _state["pool"] is None or _state["pool_size"] < n:
+        _state["pool"], _state["pool_size"] = ThreadPoolExecutor(n, thread_name_prefix="geomreg-lse"), n
+    futures = [_state["pool"].submit(fn, *args_of_worker(w)) for w in range(n)]
+    if any(f.result() != 0 for f in futures):
+        raise MemoryError("the multiscale kernel could not allocate its column buffer")
+
+
+def _tile_args(p, q, h, r0, r1, ptr, lo, hi, eps) -> tuple:
+    h = h.detach().contiguous()
+    runs = (None, None, None) if lo is None else (ptr.data_ptr(), lo.data_ptr(), hi.data_ptr())
+    return (p.data_ptr(), q.data_ptr(), h.data_ptr(), r0.data_ptr(), r1.data_ptr(), r0.shape[0], *runs,
+            q.shape[0], eps), h
+
+
+def rows_lse(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor,
+             ptr: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None, eps: float,
+             out: torch.Tensor) -> None:
+    r"""``out[i] = log sum_j exp(h_j - |p_i - q_j|^2 / (2 eps))`` over each tile's columns.
+
+    ``p (N, 3)``, ``q (M, 3)`` from :func:`points3`; ``h (M,)``; tile ``t`` is the rows
+    ``r0[t]:r1[t]`` (int64) against the columns of the runs ``lo[k]:hi[k]`` (int32) for k in
+    ``ptr[t]:ptr[t+1]`` (int64), or every column when ``lo`` is None. Rows outside the tiles
+    are left as they are; a tile without columns gives -inf.
+    """
+    counter = torch.zeros(1, dtype=torch.int64)
+    args, keep = _tile_args(p, q, h, r0, r1, ptr, lo, hi, eps)
+    _run(kernel().rows_lse, lambda w: (*args, out.data_ptr(), counter.data_ptr()))
+    del keep
+
+
+def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor,
+             ptr: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None, eps: float,
+             amax: torch.Tensor, asum: torch.Tensor, t_offset: int = 0) -> None:
+    r"""Merge, per kept column j, :math:`\log\sum_i \exp(hp_i - |p_i - q_j|^2 / 2\varepsilon)`.
+
+    Tiles as in :func:`rows_lse`, the sums running down the tiles' rows. ``amax (W, M)``
+    float32 and ``asum (W, M)`` float64 hold one running maximum and sum per worker thread
+    (start from -inf and 0); :func:`merge_workers` then gives the log-sum-exp of each
+    column. Worker w takes the tiles t with ``(t + t_offset) % W == w``: with ``t_offset``
+    the index of the call's first tile, the sums come out the same however the tiles are cut
+    into calls.
+    """
+    args, keep = _tile_args(p, q, hp, r0, r1, ptr, lo, hi, eps)
+    n = amax.shape[0]
+    _run(kernel().cols_lse, lambda w: (*args, amax[w].data_ptr(), asum[w].data_ptr(), w, n, t_offset), n)
+    del keep
+
+
+def merge_workers(amax: torch.Tensor, asum: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` log-sum-exps from the workers' running maxima ``amax`` and sums ``asum``; -inf: none."""
+    top = amax.amax(0)
+    safe = torch.where(top > -torch.inf, top, 0.0)
+    scale = torch.where(amax > -torch.inf, (amax - safe).double().exp(), 0.0)
+    total = (asum * scale).sum(0)
+    return (safe.double() + total.log()).float()
+
+
+class TileScreen:
+    r"""The point screening of a truncated p = 2 Sinkhorn pair, compiled (``screen_tiles``).
+
+    Same rule as :meth:`geomreg.engine.multiscale.Screen.columns` (the quadratic bound; the
+    floor raised to the least of the rows' best exact scores against the ``sample``
+    candidates of highest bound, minus ``relative``), computed for every tile in one call:
+    :attr:`counts` (kept columns per tile) and :attr:`runs` (runs of consecutive kept columns)
+    at once, the runs themselves by :meth:`fill`.
+    ``x``/``y`` from :func:`points3`, ``f``/``g`` sorted potentials, ``stats`` the tiles'
+    ``centre``, ``beta``, ``top``, ``radius``; the cells as in ``Screen``.
+    """
+
+    def __init__(self, x, f, y, g, r0, r1, stats, cells, cell_ptr, col_starts,
+                 floor: float, relative: float | None, sample: int):
+        n_tiles = r0.shape[0]
+        self.keep = [x, f.float().contiguous(), y, g.float().contiguous(), r0, r1,
+                     points3(stats["centre"]), points3(stats["beta"]),
+                     stats["top"].float().contiguous(), stats["radius"].float().contiguous(),
+                     cell_ptr.contiguous(), cells.contiguous(), col_starts.contiguous()]
+        self.floor, self.relative, self.sample = floor, -1.0 if relative is None else relative, sample
+        self.tile_floor = torch.empty(n_tiles, dtype=torch.float32)
+        self.counts = torch.empty(n_tiles, dtype=torch.int64)
+        self.runs = torch.empty(n_tiles, dtype=torch.int64)
+        self.best = torch.empty(n_tiles, dtype=torch.int32)
+        self._call(0, None, None, None, 0, n_tiles)
+
+    def _call(self, mode: int, ptr, lo, hi, t0: int, t1: int) -> None:
+        counter = torch.full((1,), t0, dtype=torch.int64)
+        outs = [self.tile_floor, self.counts, self.runs, self.best, ptr, lo, hi]
+        args = ([t.data_ptr() for t in self.keep] + [self.floor, self.relative, self.sample, mode]
+                + [None if t is None else t.data_ptr() for t in outs] + [t0, t1, counter.data_ptr()])
+        _run(kernel().screen_tiles, lambda w: args)
+
+    def fill(self, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ptr, lo, hi)``: the runs of kept columns of tiles ``t0:t1``, ptr from 0 at ``t0``."""
+        ptr = torch.zeros(t1 - t0 + 1, dtype=torch.int64)
+        torch.cumsum(self.runs[t0:t1], 0, out=ptr[1:])
+        lo = torch.empty(int(ptr[-1]), dtype=torch.int32)
+        hi = torch.empty_like(lo)
+        full = torch.zeros(self.runs.shape[0] + 1, dtype=torch.int64)  # the kernel reads ptr[t]
+        full[t0 : t1 + 1] = ptr
+        self._call(1, full, lo, hi, t0, t1)
+        return ptr, lo, hi
