@@ -228,7 +228,8 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
  * Row tile t (sorted rows r0[t]..r1[t]-1 of x, potentials f) has the bound statistics
  * centre[t], beta[t], top[t] and radius[t]; its candidate columns are the sorted points of
  * the column cells cells[cell_ptr[t]..cell_ptr[t+1]-1], cell k being col_starts[k]..
- * col_starts[k+1]-1 of y (potentials g). The bound of column j, with w = y_j - centre, is
+ * col_starts[k+1]-1 of the M points y (potentials g), given as ys = (y_0 | y_1 | y_2), one
+ * coordinate after the other (so that the bounds vectorize). The bound of column j, with w = y_j - centre, is
  *     top + psi_R(|w + beta|) + g_j - |w|^2 / 2,   psi_R(z) = z^2/2 (z <= R), R z - R^2/2.
  * The tile's floor is `floor`, raised when relative >= 0 to (the least over its rows of the
  * best exact score against the `sample` candidates of highest bound) - relative.
@@ -238,13 +239,19 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
  * consecutive kept columns) and best[t] (the column of highest bound); mode 1 writes tile
  * t's runs, in increasing order, to lo/hi[ptr[t] - ptr[t_begin]...], reading tile_floor and
  * best. Tiles are taken from *counter up to t_end. Returns -1 when out of memory. */
-static inline float quad_bound(const float *y, const float *g, int64_t j, const float *c, const float *b,
-                               float top, float radius) {
-    float w0 = y[3 * j] - c[0], w1 = y[3 * j + 1] - c[1], w2 = y[3 * j + 2] - c[2];
-    float z0 = w0 + b[0], z1 = w1 + b[1], z2 = w2 + b[2];
-    float zz = z0 * z0 + z1 * z1 + z2 * z2;
-    float psi = zz <= radius * radius ? 0.5f * zz : radius * sqrtf(zz) - 0.5f * radius * radius;
-    return top + psi + g[j] - 0.5f * (w0 * w0 + w1 * w1 + w2 * w2);
+/* The bounds of the columns j0..j1-1 (y in structure-of-arrays form, M columns) for the
+ * tile of statistics c, b, top and radius, written to out[0..j1-j0-1]: vectorized. */
+static void bounds_of(const float *ys, const float *g, int64_t M, int64_t j0, int64_t j1, const float *c,
+                      const float *b, float top, float radius, float *out) {
+    const float *y0 = ys + j0, *y1 = ys + M + j0, *y2 = ys + 2 * M + j0, *gj = g + j0;
+    float rr = radius * radius, half_rr = 0.5f * rr;
+    for (int64_t k = 0; k < j1 - j0; k++) {
+        float w0 = y0[k] - c[0], w1 = y1[k] - c[1], w2 = y2[k] - c[2];
+        float z0 = w0 + b[0], z1 = w1 + b[1], z2 = w2 + b[2];
+        float zz = z0 * z0 + z1 * z1 + z2 * z2;
+        float psi = zz <= rr ? 0.5f * zz : radius * sqrtf(zz) - half_rr;
+        out[k] = top + psi + gj[k] - 0.5f * (w0 * w0 + w1 * w1 + w2 * w2);
+    }
 }
 
 /* Keeps the `size` largest scores seen in a min-heap (s, j) of capacity `size`. */
@@ -273,34 +280,48 @@ static void heap_push(float *hs, int64_t *hj, int64_t *n, int64_t size, float s,
     hs[i] = s, hj[i] = j;
 }
 
-int screen_tiles(const float *x, const float *f, const float *y, const float *g, const int64_t *r0,
-                 const int64_t *r1, const float *centre, const float *beta, const float *top,
-                 const float *radius, const int64_t *cell_ptr, const int32_t *cells,
+int screen_tiles(const float *x, const float *f, const float *ys, const float *g, int64_t M,
+                 const int64_t *r0, const int64_t *r1, const float *centre, const float *beta,
+                 const float *top, const float *radius, const int64_t *cell_ptr, const int32_t *cells,
                  const int64_t *col_starts, float floor, float relative, int64_t sample, int mode,
                  float *tile_floor, int64_t *count, int64_t *runs, int32_t *best, const int64_t *ptr,
                  int32_t *lo, int32_t *hi, int64_t t_begin, int64_t t_end, int64_t *counter) {
-    int64_t size = sample > 0 ? sample : 1;
+    int64_t size = sample > 0 ? sample : 1, cap = 0;
     int64_t *heap_j = (int64_t *)malloc((size_t)size * sizeof(int64_t));
-    float *heap_s = (float *)malloc((size_t)size * sizeof(float));
-    if (!heap_j || !heap_s) {
-        free(heap_j);
-        free(heap_s);
-        return -1;
-    }
-    for (;;) {
+    float *heap_s = (float *)malloc((size_t)size * sizeof(float)), *bnd = NULL;
+    int status = heap_j && heap_s ? 0 : -1;
+    for (; status == 0;) {
         int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
         if (t >= t_end) break;
         const float *c = centre + 3 * t, *b = beta + 3 * t;
-        float tp = top[t], rad = radius[t], fl = floor;
+        int64_t n_cand = 0;
+        for (int64_t e = cell_ptr[t]; e < cell_ptr[t + 1]; e++)
+            n_cand += col_starts[cells[e] + 1] - col_starts[cells[e]];
+        if (n_cand > cap) {
+            free(bnd);
+            cap = n_cand;
+            bnd = (float *)malloc((size_t)cap * sizeof(float));
+            if (!bnd) {
+                status = -1;
+                break;
+            }
+        }
+        for (int64_t e = cell_ptr[t], k = 0; e < cell_ptr[t + 1]; e++) {
+            int64_t j0 = col_starts[cells[e]], j1 = col_starts[cells[e] + 1];
+            bounds_of(ys, g, M, j0, j1, c, b, top[t], radius[t], bnd + k);
+            k += j1 - j0;
+        }
+        float fl = floor;
         int64_t arg = -1;
         if (mode == 0) { /* the best column, the floor */
             int64_t n_heap = 0;
             float high = -INFINITY;
-            for (int64_t e = cell_ptr[t]; e < cell_ptr[t + 1]; e++)
-                for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++) {
-                    float s = quad_bound(y, g, j, c, b, tp, rad);
+            for (int64_t e = cell_ptr[t], k = 0; e < cell_ptr[t + 1]; e++)
+                for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++, k++) {
+                    float s = bnd[k];
                     if (s > high || arg < 0) high = s, arg = j;
-                    if (relative >= 0) heap_push(heap_s, heap_j, &n_heap, size, s, j);
+                    if (relative >= 0 && (n_heap < size || s > heap_s[0]))
+                        heap_push(heap_s, heap_j, &n_heap, size, s, j);
                 }
             if (relative >= 0 && n_heap > 0) {
                 float least = INFINITY;
@@ -308,8 +329,7 @@ int screen_tiles(const float *x, const float *f, const float *y, const float *g,
                     float row_best = -INFINITY;
                     for (int64_t k = 0; k < n_heap; k++) {
                         int64_t j = heap_j[k];
-                        float d0 = x[3 * i] - y[3 * j], d1 = x[3 * i + 1] - y[3 * j + 1];
-                        float d2 = x[3 * i + 2] - y[3 * j + 2];
+                        float d0 = x[3 * i] - ys[j], d1 = x[3 * i + 1] - ys[M + j], d2 = x[3 * i + 2] - ys[2 * M + j];
                         float s = f[i] + g[j] - 0.5f * (d0 * d0 + d1 * d1 + d2 * d2);
                         row_best = s > row_best ? s : row_best;
                     }
@@ -322,24 +342,25 @@ int screen_tiles(const float *x, const float *f, const float *y, const float *g,
             fl = tile_floor[t], arg = best[t];
         }
         /* the kept columns, in increasing order, as runs */
-        int64_t n = 0, n_runs = 0, k = mode == 1 ? ptr[t] - ptr[t_begin] : 0, last = -2;
-        for (int64_t e = cell_ptr[t]; e < cell_ptr[t + 1]; e++)
-            for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++) {
-                if (!(quad_bound(y, g, j, c, b, tp, rad) >= fl || j == arg)) continue;
+        int64_t n = 0, n_runs = 0, r = mode == 1 ? ptr[t] - ptr[t_begin] : 0, last = -2;
+        for (int64_t e = cell_ptr[t], k = 0; e < cell_ptr[t + 1]; e++)
+            for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++, k++) {
+                if (!(bnd[k] >= fl || j == arg)) continue;
                 n++;
                 if (j != last + 1) {
                     if (mode == 1) {
-                        if (n_runs > 0) hi[k++] = (int32_t)(last + 1);
-                        lo[k] = (int32_t)j;
+                        if (n_runs > 0) hi[r++] = (int32_t)(last + 1);
+                        lo[r] = (int32_t)j;
                     }
                     n_runs++;
                 }
                 last = j;
             }
-        if (mode == 1 && n_runs > 0) hi[k] = (int32_t)(last + 1);
+        if (mode == 1 && n_runs > 0) hi[r] = (int32_t)(last + 1);
         if (mode == 0) count[t] = n, runs[t] = n_runs;
     }
     free(heap_j);
     free(heap_s);
-    return 0;
+    free(bnd);
+    return status;
 }

@@ -96,7 +96,8 @@ def _load() -> ctypes.CDLL:
     common = [_P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _F32]
     lib.rows_lse.argtypes = [*common, _P, _P]
     lib.cols_lse.argtypes = [*common, _P, _P, _I64, _I64, _I64]
-    lib.screen_tiles.argtypes = [_P] * 13 + [_F32, _F32, _I64, ctypes.c_int] + [_P] * 7 + [_I64, _I64, _P]
+    lib.screen_tiles.argtypes = ([_P] * 4 + [_I64] + [_P] * 9 + [_F32, _F32, _I64, ctypes.c_int] + [_P] * 7
+                                 + [_I64, _I64, _P])
     lib.rows_lse.restype = lib.cols_lse.restype = lib.screen_tiles.restype = ctypes.c_int
     return lib
 
@@ -215,7 +216,8 @@ class TileScreen:
     def __init__(self, x, f, y, g, r0, r1, stats, cells, cell_ptr, col_starts,
                  floor: float, relative: float | None, sample: int):
         n_tiles = r0.shape[0]
-        self.keep = [x, f.float().contiguous(), y, g.float().contiguous(), r0, r1,
+        self.m = y.shape[0]
+        self.keep = [x, f.float().contiguous(), y.T.contiguous(), g.float().contiguous(), r0, r1,
                      points3(stats["centre"]), points3(stats["beta"]),
                      stats["top"].float().contiguous(), stats["radius"].float().contiguous(),
                      cell_ptr.contiguous(), cells.contiguous(), col_starts.contiguous()]
@@ -229,7 +231,8 @@ class TileScreen:
     def _call(self, mode: int, ptr, lo, hi, t0: int, t1: int) -> None:
         counter = torch.full((1,), t0, dtype=torch.int64)
         outs = [self.tile_floor, self.counts, self.runs, self.best, ptr, lo, hi]
-        args = ([t.data_ptr() for t in self.keep] + [self.floor, self.relative, self.sample, mode]
+        ptrs = [t.data_ptr() for t in self.keep]
+        args = (ptrs[:4] + [self.m] + ptrs[4:] + [self.floor, self.relative, self.sample, mode]
                 + [None if t is None else t.data_ptr() for t in outs] + [t0, t1, counter.data_ptr()])
         _run(kernel().screen_tiles, lambda w: args)
 
