@@ -41,6 +41,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -488,7 +489,7 @@ def measure_throughput(dev: torch.device, seed: int, n: int = PAIRS_N) -> list[d
     ``n`` x ``n`` points, except the tensorized backend: at most ``PAIRS_N_DENSE`` (its
     ``pair`` holds the whole matrix).
     """
-    from geomreg.engine import get_backend
+    from geomreg.engine import get_backend, native
     from geomreg.engine.base import Cost
 
     eps = BLUR**P
@@ -529,19 +530,31 @@ def measure_throughput(dev: torch.device, seed: int, n: int = PAIRS_N) -> list[d
         # The reduction runs when .logsumexp() is called: one formula, rebuilt per call.
         return lambda: -eps * (h_j - x_i.sqdist(y_j) * (0.5 / eps)).logsumexp(dim=1)
 
-    def backend(name: str) -> Callable[..., Callable[[], torch.Tensor]]:
+    def backend(name: str, compiled: bool = True) -> Callable[..., Callable[[], torch.Tensor]]:
         def make(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> Callable[[], torch.Tensor]:
             be = get_backend(name)
             pair = be.pair(x[None], y[None], Cost(P))
-            return lambda: be.softmin(eps, pair, h[None])
+            if compiled:
+                return lambda: be.softmin(eps, pair, h[None])
+
+            def torch_blocks() -> torch.Tensor:  # the multiscale blocks without the compiled kernel
+                os.environ[native.ENV_SWITCH] = "0"
+                try:
+                    return be.softmin(eps, pair, h[None])
+                finally:
+                    os.environ.pop(native.ENV_SWITCH)
+            return torch_blocks
         return make
 
-    return [
+    rows = [
         measure("KeOps LazyTensor logsumexp", n, keops),
         measure("geomreg tensorized softmin", min(n, PAIRS_N_DENSE), backend("tensorized")),
         measure("geomreg online softmin", n, backend("online")),
         measure("geomreg multiscale softmin", n, backend("multiscale")),
     ]
+    if dev.type == "cpu" and native.kernel() is not None:
+        rows.append(measure("geomreg multiscale softmin, torch blocks", n, backend("multiscale", False)))
+    return rows
 
 
 # -- report ------------------------------------------------------------------------------

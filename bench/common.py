@@ -85,6 +85,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["device_name"] = torch.cuda.get_device_name(device)
     else:
         info["device_name"] = _cpu_model() or info["cpu"]
+        from geomreg.engine import native
+
+        # the multiscale backend's p = 2 float32 CPU reductions: compiled, or torch blocks
+        info["multiscale_kernel"] = "compiled" if native.kernel() is not None else "torch"
     return info
 
 

@@ -30,6 +30,8 @@
 #include <stdlib.h>
 
 #define CHUNK 512
+/* largest gap between a row's shift and its maximum for the one-pass sum (see ROW_LSE) */
+#define MAX_SLACK 60.0f
 
 static inline float exp_neg(float x) {
     /* exp(x) for x <= 0; below -87 it returns about 1.6e-38 instead of a denormal. Above 0
@@ -54,18 +56,22 @@ static inline float exp_neg(float x) {
 }
 
 /* log sum_j exp(a_j + <u_k, (v0_j, v1_j, v2_j)>) over m columns, for R rows u_k at once
- * (sharing the loads of the columns), two passes: the maximum, then the sum of exponentials. */
+ * (sharing the loads of the columns). With bound == NULL, two passes: the maximum, then the
+ * sum of exponentials shifted by it. Otherwise bound[k] is an upper bound of row k's
+ * maximum that exceeds it by at most MAX_SLACK: one pass, the sum shifted by the bound (its
+ * largest term is then at least e^-MAX_SLACK, far from float32's underflow). */
 #define ROW_LSE(R)                                                                              \
     static void row_lse##R(const float *a, const float *v0, const float *v1, const float *v2,    \
-                           int64_t m, const float *u, double *out) {                           \
+                           int64_t m, const float *u, const float *bound, double *out) {       \
         float top[R], s[R];                                                                     \
         double total[R];                                                                        \
-        for (int k = 0; k < R; k++) top[k] = -INFINITY, total[k] = 0.0;                        \
-        for (int64_t j = 0; j < m; j++)                                                         \
-            for (int k = 0; k < R; k++) {                                                       \
-                float z = a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] + u[3 * k + 2] * v2[j]; \
-                top[k] = z > top[k] ? z : top[k];                                               \
-            }                                                                                   \
+        for (int k = 0; k < R; k++) top[k] = bound ? bound[k] : -INFINITY, total[k] = 0.0;     \
+        if (!bound)                                                                             \
+            for (int64_t j = 0; j < m; j++)                                                     \
+                for (int k = 0; k < R; k++) {                                                   \
+                    float z = a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] + u[3 * k + 2] * v2[j]; \
+                    top[k] = z > top[k] ? z : top[k];                                           \
+                }                                                                               \
         for (int64_t c = 0; c < m; c += CHUNK) {                                                \
             int64_t end = c + CHUNK < m ? c + CHUNK : m;                                        \
             for (int k = 0; k < R; k++) s[k] = 0.0f;                                            \
@@ -97,21 +103,27 @@ static int64_t n_columns(const int64_t *ptr, const int32_t *lo, const int32_t *h
 }
 
 /* Points of one tile's runs (or of first..first+m-1 when lo is NULL), centred on o, in
- * structure-of-arrays form: v0, v1, v2 = (q - o) / eps and a = h - |q - o|^2 / (2 eps). */
+ * structure-of-arrays form: v0, v1, v2 = (q - o) / eps and a = h - |q - o|^2 / (2 eps);
+ * stats = (max a, max |v|), for the bounds of points_lse. */
 static void gather(const float *q, const float *h, const int64_t *ptr, const int32_t *lo, const int32_t *hi,
                    int64_t t, int64_t first, int64_t m, const float o[3], float inv_eps, float *a, float *v0,
-                   float *v1, float *v2) {
+                   float *v1, float *v2, float stats[2]) {
     int64_t k = 0, n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
+    float top = -INFINITY, far = 0.0f;
     for (int64_t r = 0; r < n_runs; r++) {
         int64_t j0 = lo ? lo[ptr[t] + r] : first, j1 = lo ? hi[ptr[t] + r] : first + m;
         for (int64_t j = j0; j < j1; j++, k++) {
             float w0 = q[3 * j] - o[0], w1 = q[3 * j + 1] - o[1], w2 = q[3 * j + 2] - o[2];
+            float ww = w0 * w0 + w1 * w1 + w2 * w2;
             v0[k] = w0 * inv_eps;
             v1[k] = w1 * inv_eps;
             v2[k] = w2 * inv_eps;
-            a[k] = h[j] - 0.5f * (w0 * w0 + w1 * w1 + w2 * w2) * inv_eps;
+            a[k] = h[j] - 0.5f * ww * inv_eps;
+            top = a[k] > top ? a[k] : top;
+            far = ww > far ? ww : far;
         }
     }
+    stats[0] = top, stats[1] = sqrtf(far) * inv_eps;
 }
 
 /* A worker's buffer of at least 4 * m floats; NULL when out of memory. */
@@ -126,17 +138,26 @@ static float *reserve(float **buf, int64_t *cap, int64_t m) {
 }
 
 /* For R (1 or 4) consecutive points pts (R x 3), log sum_j exp(a_j + <pts - o, v_j>) -
- * |pts - o|^2 / (2 eps) over the m columns (a, v0, v1, v2) of gather. */
+ * |pts - o|^2 / (2 eps) over the m columns (a, v0, v1, v2, stats) of gather. Row k's
+ * maximum lies within |u_k| max|v| of max a (Cauchy-Schwarz, u_k = pts_k - o): when that
+ * gap is small, max a + |u_k| max|v| serves as the shift and one pass suffices. */
 static void points_lse(const float *a, const float *v0, const float *v1, const float *v2, int64_t m,
-                       const float *pts, int R, const float o[3], float inv_eps, float *out) {
-    float u[12];
+                       const float stats[2], const float *pts, int R, const float o[3], float inv_eps,
+                       float *out) {
+    float u[12], bound[4];
     double lse[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int k = 0; k < R; k++)
+    int one_pass = stats[0] > -INFINITY;
+    for (int k = 0; k < R; k++) {
         for (int d = 0; d < 3; d++) u[3 * k + d] = pts[3 * k + d] - o[d];
+        const float *w = u + 3 * k;
+        float reach = sqrtf(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * stats[1];
+        bound[k] = stats[0] + reach;
+        one_pass = one_pass && 2.0f * reach <= MAX_SLACK && bound[k] < INFINITY;
+    }
     if (R == 4)
-        row_lse4(a, v0, v1, v2, m, u, lse);
+        row_lse4(a, v0, v1, v2, m, u, one_pass ? bound : NULL, lse);
     else
-        row_lse1(a, v0, v1, v2, m, u, lse);
+        row_lse1(a, v0, v1, v2, m, u, one_pass ? bound : NULL, lse);
     for (int k = 0; k < R; k++) {
         const float *w = u + 3 * k;
         out[k] = (float)(lse[k] - 0.5 * (double)(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * inv_eps);
@@ -157,8 +178,8 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
         if (!reserve(&buf, &cap, m)) return -1;
         float o[3];
         centroid(p, r0[t], r1[t], o);
-        float *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap;
-        gather(q, h, ptr, lo, hi, t, 0, m, o, inv_eps, a, v0, v1, v2);
+        float *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap, stats[2];
+        gather(q, h, ptr, lo, hi, t, 0, m, o, inv_eps, a, v0, v1, v2, stats);
         if (m == 0) {
             for (int64_t i = r0[t]; i < r1[t]; i++) out[i] = -INFINITY;
             continue;
@@ -166,7 +187,7 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
         for (int64_t i = r0[t], R; i < r1[t]; i += R) {
             R = r1[t] - i >= 4 ? 4 : 1;
             float lse[4];
-            points_lse(a, v0, v1, v2, m, p + 3 * i, R, o, inv_eps, lse);
+            points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse);
             for (int k = 0; k < R; k++) out[i + k] = lse[k];
         }
     }
@@ -177,12 +198,12 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
 /* Columns j0..j1-1 of q against one tile (a, u: its rows from gather), merged into the
  * worker's running maximum and sum. */
 static void process_columns(const float *a, const float *u0, const float *u1, const float *u2, int64_t rows,
-                            const float *q, const float o[3], float inv_eps, int64_t j0, int64_t j1,
-                            float *amax, double *asum) {
+                            const float stats[2], const float *q, const float o[3], float inv_eps, int64_t j0,
+                            int64_t j1, float *amax, double *asum) {
     for (int64_t j = j0, R; j < j1; j += R) {
         R = j1 - j >= 4 ? 4 : 1;
         float lse[4];
-        points_lse(a, u0, u1, u2, rows, q + 3 * j, R, o, inv_eps, lse);
+        points_lse(a, u0, u1, u2, rows, stats, q + 3 * j, R, o, inv_eps, lse);
         for (int l = 0; l < R; l++) {
             float part = lse[l];
             int64_t jl = j + l;
@@ -211,12 +232,12 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
         if (!reserve(&buf, &cap, rows)) return -1;
         float o[3];
         centroid(p, r0[t], r1[t], o);
-        float *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap;
-        gather(p, hp, NULL, NULL, NULL, t, r0[t], rows, o, inv_eps, a, u0, u1, u2);
+        float *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap, stats[2];
+        gather(p, hp, NULL, NULL, NULL, t, r0[t], rows, o, inv_eps, a, u0, u1, u2, stats);
         int64_t n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
         for (int64_t r = 0; r < n_runs; r++) {
             int64_t j0 = lo ? lo[ptr[t] + r] : 0, j1 = lo ? hi[ptr[t] + r] : m_all;
-            process_columns(a, u0, u1, u2, rows, q, o, inv_eps, j0, j1, amax, asum);
+            process_columns(a, u0, u1, u2, rows, stats, q, o, inv_eps, j0, j1, amax, asum);
         }
     }
     free(buf);
