@@ -1,7 +1,11 @@
-"""``geomreg warmup``: compile the KeOps formulas of the online backend ahead of time."""
+"""``geomreg warmup``: compile ahead of time what runs would compile on first use.
+
+The online backend's KeOps formulas, and on the CPU the multiscale backend's compiled kernel.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -29,6 +33,8 @@ def warmup(
 
     Run it before starting parallel jobs (batch scripts, CI): each new formula takes 5-30 s
     to compile the first time, and afterwards every process loads it from KeOps' cache.
+    With --device cpu it also builds the multiscale backend's kernel (about 1 s, once per
+    machine; without a C compiler that backend runs its torch blocks, and this says so).
     """
     with handle_errors(debug):
         from geomreg.engine import get_backend
@@ -48,9 +54,16 @@ def warmup(
             raise ParameterError("--dtype", f"must be float32 or float64, got {list(dtypes)}")
         if dim < 1:
             raise ParameterError("--dim", f"must be >= 1, got {dim}")
+        console = err_console()
+        if device == "cpu":
+            from geomreg.engine import native
+
+            start = time.perf_counter()
+            built = native.kernel() is not None
+            state = "compiled" if built else "not built: the torch blocks run instead"
+            console.print(f"ready: multiscale kernel, {state} ({time.perf_counter() - start:.1f} s)")
         get_backend("online")  # clear error when KeOps cannot run here
         done = run_warmup(losses=losses, ps=ps, dim=dim, dtypes=dtypes, device=device)
-        console = err_console()
         for c in done:
             p_txt = f" p={c['p']}" if c["p"] is not None else ""
             console.print(

@@ -263,6 +263,10 @@ def test_warmup_command_compiles_forward_and_backward_and_reports(tmp_path):
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("[")][0]
     done = json.loads(line)
     assert [(c["loss"], c["dim"], c["dtype"]) for c in done] == [("energy", 2, "float64")]
+    from geomreg.engine import native
+
+    state = "compiled" if native.kernel() is not None else "not built"
+    assert f"ready: multiscale kernel, {state}" in res.stderr
     bad = CliRunner().invoke(app, ["warmup", "--loss", "nope"])
     assert bad.exit_code == 2
 
