@@ -258,7 +258,7 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
  *
  * mode 0 writes, for every tile, tile_floor[t], count[t] (kept columns), runs[t] (runs of
  * consecutive kept columns) and best[t] (the column of highest bound); mode 1 writes tile
- * t's runs, in increasing order, to lo/hi[ptr[t] - ptr[t_begin]...], reading tile_floor and
+ * t's runs, in increasing order, to lo/hi[ptr[t - t_begin]...], reading tile_floor and
  * best. Tiles are taken from *counter up to t_end. Returns -1 when out of memory. */
 /* The bounds of the columns j0..j1-1 (y in structure-of-arrays form, M columns) for the
  * tile of statistics c, b, top and radius, written to out[0..j1-j0-1]: vectorized. */
@@ -363,7 +363,7 @@ int screen_tiles(const float *x, const float *f, const float *ys, const float *g
             fl = tile_floor[t], arg = best[t];
         }
         /* the kept columns, in increasing order, as runs */
-        int64_t n = 0, n_runs = 0, r = mode == 1 ? ptr[t] - ptr[t_begin] : 0, last = -2;
+        int64_t n = 0, n_runs = 0, r = mode == 1 ? ptr[t - t_begin] : 0, last = -2;
         for (int64_t e = cell_ptr[t], k = 0; e < cell_ptr[t + 1]; e++)
             for (int64_t j = col_starts[cells[e]]; j < col_starts[cells[e] + 1]; j++, k++) {
                 if (!(bnd[k] >= fl || j == arg)) continue;

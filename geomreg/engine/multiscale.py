@@ -29,7 +29,7 @@ The p = 2 softmin and the gaussian kernel expand :math:`\|x-y\|^2 = \|x\|^2 + \|
 2\langle x,y\rangle` around the block's rows' centroid (the expansion's rounding error then
 scales with the block's extent, not with the cloud's). In float32 on the CPU without
 autograd, the p = 2 softmins and the truncation's point screening run in a compiled kernel
-(:mod:`.native`, about twice the speed of the torch blocks); elsewhere each block is one
+(:mod:`.native`, 2.5 to 4 times the speed of the torch blocks); elsewhere each block is one
 matrix product and a log-sum-exp in torch. Costs with square roots (p = 1, laplacian,
 energy) use coordinate differences: exact at coincident points.
 
@@ -198,11 +198,10 @@ def _segment_max(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Tile:
-    """Sorted rows ``r0:r1`` against the sorted columns ``cols`` (None: every column)."""
+    """The sorted rows ``r0:r1`` (their kept columns: :meth:`BlockPair.columns`)."""
 
     r0: int
     r1: int
-    cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -229,7 +228,8 @@ class BlockPair:
     transposed: bool = False
     #: the stored kept columns, as runs of consecutive sorted columns (Morton order makes
     #: them long: 12 columns on average at 20k points): tile t keeps ``lo[k]:hi[k]`` for k in
-    #: ``ptr[t]:ptr[t+1]`` (int32 bounds, int64 offsets). None: see ``screen`` / ``tiles``
+    #: ``ptr[t]:ptr[t+1]`` (int32 bounds, int64 offsets). None with ``screen`` None: every
+    #: column
     runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def columns(self, t: int) -> torch.Tensor | None:
@@ -239,7 +239,7 @@ class BlockPair:
         if self.runs is not None:
             ptr, lo, hi = self.runs
             return _expand_runs(lo[ptr[t] : ptr[t + 1]], hi[ptr[t] : ptr[t + 1]])
-        return self.tiles[t].cols
+        return None
 
     @property
     def row_inverse(self) -> torch.Tensor | None:
@@ -319,8 +319,7 @@ def truncate_pair(
         if sels is None:  # too many to store: screen in every reduction
             return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, screen)
         runs = _runs_of(sels)
-    tiles = [Tile(t.r0, t.r1) for t in pair.tiles]
-    return BlockPair(pair.x, pair.y, pair.fn, tiles, pair.rows, pair.cols, kept, runs=runs)
+    return BlockPair(pair.x, pair.y, pair.fn, pair.tiles, pair.rows, pair.cols, kept, runs=runs)
 
 
 def _runs_of(sels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -776,8 +775,8 @@ def _tile_chunks(pair: BlockPair):
     """``(r0, r1, ptr, lo, hi)`` for the compiled kernel: runs of tiles and their kept columns.
 
     One run of tiles with the stored runs of columns (``pair.runs``), or with ``lo = None``
-    (every column) when no tile was truncated; when the runs are too many to store, runs of
-    tiles screened again, each with about :data:`_CHUNK_COLUMNS` kept columns.
+    (every column) when the pair was not truncated; when the runs are too many to store,
+    runs of tiles screened again, each with about :data:`_CHUNK_COLUMNS` kept columns.
     """
     def bounds(tiles):
         return (torch.tensor([t.r0 for t in tiles], dtype=torch.int64),
@@ -785,13 +784,7 @@ def _tile_chunks(pair: BlockPair):
 
     screen = pair.screen
     if screen is None:
-        if pair.runs is not None:
-            yield (*bounds(pair.tiles), *pair.runs)
-        elif all(t.cols is None for t in pair.tiles):
-            yield (*bounds(pair.tiles), None, None, None)
-        else:
-            every = torch.arange(pair.y.shape[0], dtype=torch.int32)
-            yield (*bounds(pair.tiles), *_runs_of([every if t.cols is None else t.cols for t in pair.tiles]))
+        yield (*bounds(pair.tiles), *(pair.runs or (None, None, None)))
         return
     if screen.compiled is not None:  # runs of tiles, the columns filled in one call each
         ends = torch.cumsum(screen.compiled.counts, 0)

@@ -45,6 +45,7 @@ import torch
 from .._stdio import stdout_to_stderr
 from ..errors import BackendUnavailable, ParameterError
 from .base import Backend, Cost, Kernel
+from .native import cache_folder
 
 #: printed on stderr once per process, before the first KeOps reduction
 COMPILE_NOTICE = "geomreg: KeOps compiles each new formula once (5-30 s); later runs reuse its cache"
@@ -85,7 +86,7 @@ def _import_lock() -> Iterator[None]:
     try:
         import fcntl
 
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geomreg"
+        folder = cache_folder()
         folder.mkdir(parents=True, exist_ok=True)
         fh = open(folder / "pykeops-import.lock", "a")  # noqa: SIM115 - held across the yield
     except (ImportError, OSError):
