@@ -385,3 +385,49 @@ int screen_tiles(const float *x, const float *f, const float *ys, const float *g
     free(bnd);
     return status;
 }
+
+/* The grid backend's banded 1-D reduction (engine/grid.py, _log_conv_banded), float32.
+ *
+ * For lines k0..k1-1 of x (K, L), writes out[k, j] = log sum_l exp(x_kl - (u_j - v_l)^2 / (2 eps))
+ * (inv2eps = 1 / (2 eps)) over the blocks of `size` consecutive columns that can matter:
+ * xbar (K, n_b) holds each block's largest entry, qmin and qmax (J, n_b) the nearest and
+ * farthest squared distances from u_j to each block's span, times inv2eps. With
+ * lam = max_b xbar_kb - qmax_jb (a lower bound of the largest term), block b is summed when
+ * its upper bound xbar_kb - qmin_jb is at least lam - margin; the others are dropped. The
+ * kept terms are shifted by their exact maximum (the largest term's block is always kept).
+ * Returns 1 when its buffer cannot be allocated, else 0.
+ */
+int band_lse_1d(const float *x, int64_t n_l, const float *u, int64_t n_j, const float *v,
+                const float *xbar, int64_t size, int64_t n_b, const float *qmin, const float *qmax,
+                float inv2eps, float margin, int64_t k0, int64_t k1, float *out) {
+    float *buf = malloc((size_t)(n_l > 0 ? n_l : 1) * sizeof(float));
+    if (!buf) return 1;
+    for (int64_t k = k0; k < k1; k++) {
+        const float *xk = x + k * n_l, *xb = xbar + k * n_b;
+        for (int64_t j = 0; j < n_j; j++) {
+            const float *qn = qmin + j * n_b, *qf = qmax + j * n_b;
+            float lam = -INFINITY;
+            for (int64_t b = 0; b < n_b; b++) {
+                float t = xb[b] - qf[b];
+                lam = t > lam ? t : lam;
+            }
+            float thr = lam - margin, uj = u[j], m = -INFINITY;
+            int64_t n = 0;
+            for (int64_t b = 0; b < n_b; b++) {
+                if (xb[b] - qn[b] < thr) continue;
+                int64_t l1 = (b + 1) * size < n_l ? (b + 1) * size : n_l;
+                for (int64_t l = b * size; l < l1; l++) {
+                    float d = uj - v[l];
+                    float t = xk[l] - d * d * inv2eps;
+                    buf[n++] = t;
+                    m = t > m ? t : m;
+                }
+            }
+            float s = 0.0f;
+            for (int64_t i = 0; i < n; i++) s += exp_neg(buf[i] - m);
+            out[k * n_j + j] = m + logf(s);
+        }
+    }
+    free(buf);
+    return 0;
+}

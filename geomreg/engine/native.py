@@ -247,3 +247,25 @@ class TileScreen:
         hi = torch.empty_like(lo)
         self._call(1, ptr, lo, hi, t0, t1)
         return ptr, lo, hi
+
+
+def band_lse_1d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, xbar: torch.Tensor, size: int,
+                qmin: torch.Tensor, qmax: torch.Tensor, eps: float, margin: float, out: torch.Tensor) -> None:
+    r"""The grid backend's banded 1-D log-sum-exp (``band_lse_1d`` in ``lse_kernel.c``), float32.
+
+    ``out[k, j] = log sum_l exp(x[k, l] - (u[j] - v[l])^2 / (2 eps))`` over the blocks of ``size``
+    columns whose bound passes (engine/grid.py, ``_log_conv_banded``). ``x (K, L)``, ``u (J,)``,
+    ``v (L,)``, ``xbar (K, nB)``, ``qmin``, ``qmax (J, nB)`` and ``out (K, J)``: contiguous float32
+    CPU tensors. The lines are split evenly between :func:`n_workers` threads.
+    """
+    lib = kernel()
+    fn = lib.band_lse_1d
+    if fn.argtypes is None:
+        fn.argtypes = [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _P, _P, _F32, _F32, _I64, _I64, _P]
+        fn.restype = ctypes.c_int
+    n_k, n_l = x.shape
+    n = max(1, min(n_workers(), n_k))
+    cuts = [n_k * w // n for w in range(n + 1)]
+    args = (x.data_ptr(), n_l, u.data_ptr(), u.shape[0], v.data_ptr(), xbar.data_ptr(), size,
+            xbar.shape[1], qmin.data_ptr(), qmax.data_ptr(), 1 / (2 * eps), margin)
+    _run(fn, lambda w: (*args, cuts[w], cuts[w + 1], out.data_ptr()), n)

@@ -56,6 +56,60 @@ def test_log_conv_1d_tiles_a_wide_axis_without_underflow():
     assert (out.double() - ref).abs().max() < 1e-3
 
 
+
+def _banded_cases():
+    """(x, u, v, eps) cases for the banded reduction: non-uniform, different grids, hard lines."""
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n_u, n_v, eps in [(300, 211, 2e-6), (97, 400, 3e-5), (256, 256, 1.5**2 / 256**2), (180, 90, 1e-3)]:
+        u = torch.sort(torch.rand(n_u, generator=g, dtype=F64)).values
+        v = torch.sort(torch.rand(n_v, generator=g, dtype=F64) ** 1.5).values  # denser near 0
+        x = torch.randn(9, n_v, generator=g, dtype=F64) * 5
+        x[0, v < 0.8] = LOG_ZERO  # mass only on the right: the left outputs reach far for it
+        x[1] = LOG_ZERO
+        x[1, [3, n_v - 4]] = 0.0  # two distant equal peaks: both halves matter in the middle
+        x[2] = (v - 0.3) * 0.4 / eps  # a displaced peak, as Sinkhorn potentials make it
+        x[3] = -((v - 0.5) ** 2) * 0.9 / (2 * eps)  # nearly flat against the kernel: wide sums
+        x[4, ::2] = LOG_ZERO
+        x[5] = LOG_ZERO  # a line without mass
+        cases.append((x, u, v, eps))
+    return cases
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(4))
+def test_banded_log_conv_equals_float64_brute_force(monkeypatch, native, dtype, case):
+    from geomreg.engine.grid import _log_conv_banded
+
+    monkeypatch.setenv("GEOMREG_NATIVE", native)  # the compiled loop and the torch blocks
+    x, u, v, eps = _banded_cases()[case]
+    x, u, v = x.to(dtype), u.to(dtype), v.to(dtype)
+    out = _log_conv_banded(x, u, v, eps)
+    # the reference: every term, in float64, from the same (rounded) inputs
+    z = x.double()[:, None, :] - (u.double()[None, :, None] - v.double()[None, None, :]) ** 2 / (2 * eps)
+    ref = torch.logsumexp(z, -1)
+    assert torch.isfinite(out).all()
+    # rounding: each term that matters is rounded relative to its own size (|x| and the cost)
+    big = (z >= ref[..., None] - 40) * (x.double().abs()[:, None, :] + (z - x.double()[:, None, :]).abs())
+    scale = big.amax(-1) + 1
+    tol = 1e-13 if dtype == F64 else 1e-6
+    assert ((out.double() - ref).abs() / scale).max() <= tol
+    assert torch.allclose(log_conv_1d(x, u, v, eps).double(), ref, rtol=0, atol=float((tol * scale).max()))
+
+
+def test_banded_log_conv_reaches_distant_mass():
+    # the outputs far from the only mass: a band around u_j alone would miss it entirely
+    u = (torch.arange(512, dtype=torch.float32) + 0.5) / 512
+    x = torch.full((2, 512), LOG_ZERO)
+    x[0, 500:] = 0.0
+    x[1, 40] = 3.0
+    eps = (1 / 512) ** 2
+    out = log_conv_1d(x, u, u, eps)
+    ref = dense_lse(x.double(), u.double(), u.double(), eps)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / ref.abs().clamp_min(1)).max() < 4e-6  # the tiles: 1.1e-6
+
 def layouts_2d():
     a = image_layout((7, 9), 1 / 9, (1, 0), dtype=F64)
     b = image_layout((12, 5), 1 / 12, (1, 0), dtype=F64)
