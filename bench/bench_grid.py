@@ -6,7 +6,8 @@ density = 1 - gray / 255 (two synthetic sums of gaussian blobs when the files ar
 and volume pairs of ``--volume-sizes`` (N^3 voxels; default 128), two synthetic sums of
 gaussian blobs with different centres. p = 2, float32, scaling = 0.5 throughout. On each:
 
-0. References: geomreg grid with ``tol=--ref-tol`` (1e-6), at blur 0.05 and at blur 1.5/N,
+0. References: geomreg grid with ``tol=--ref-tol`` (1e-6), at blur 0.05 and at blur 1.5/N
+   (``--fine-px 1``: 1/N, one pixel; likewise below),
    float64 while the pixels number at most ``--ref-float64-max`` (512^2), float32 above.
 1. Same work, blur 1.5/N: geomreg grid ``tol=inf, diameter=1`` (GeomLoss's epsilon
    schedule, nothing more) against GeomLoss 0.3.1 ``sinkhorn_divergence`` (its grid solver):
@@ -28,7 +29,7 @@ Results go to ``<out>/grid_<device>.json`` (rewritten after every case) and
 also printed to stdout, progress goes to stderr. See bench/README.md.
 
 Usage: python bench/bench_grid.py [--sizes 256 512 1024] [--volume-sizes 128] [--repeats 3]
-[--quick] [--no-geomloss] [--device cpu|cuda] [--out bench/results]
+[--fine-px 1.5] [--quick] [--no-geomloss] [--device cpu|cuda] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from geomreg.io import read_measure
 from geomreg.measure import Measure
 
 SCALING, BLUR = 0.5, 0.05  # GeomLoss's default scaling; geomreg's default blur
-FINE = 1.5  # the "fine" blur is FINE / N: GeomLoss's grid solver wants 1/N <= blur < 2/N
+FINE = 1.5  # the "fine" blur is FINE / N (--fine-px): GeomLoss's grid solver wants 1/N <= blur < 2/N
 DATA = REPO_ROOT.parent / "shared" / "data"
 PAIR = "crescent"
 BLOBS = 3  # gaussian blobs per synthetic density
@@ -160,21 +161,21 @@ def make_configs(n: int, nodes: int, geomloss_inputs: tuple[torch.Tensor, torch.
     fine = FINE / n
     base = {"p": 2, "scaling": SCALING, "dtype": "float32", "device": args.device}
     grid = {**base, "backend": "grid"}
-    configs = [Config("geomreg_same", "geomreg", "grid, tol=inf, diameter=1, blur=1.5/N",
+    configs = [Config("geomreg_same", "geomreg", f"grid, tol=inf, diameter=1, blur={FINE:g}/N",
                       {"blur": fine, "tol": "inf", "diameter": 1.0}, GeomregCall(
                           blur=fine, tol=math.inf, diameter=1.0, **grid), same_work="grid")]
     if geomloss_inputs is not None:
         from geomloss import sinkhorn_divergence
 
         ga, gb = geomloss_inputs
-        configs.append(Config("geomloss_same", "GeomLoss", "sinkhorn_divergence, blur=1.5/N",
+        configs.append(Config("geomloss_same", "GeomLoss", f"sinkhorn_divergence, blur={FINE:g}/N",
                               {"blur": fine, "scaling": SCALING},
                               lambda x, y: sinkhorn_divergence(ga, gb, p=2, blur=fine, scaling=SCALING),
                               same_work="grid"))
     configs.append(Config("geomreg_conv_blur", "geomreg", f"grid, tol=1e-3, blur={BLUR}",
                           {"blur": BLUR, "tol": 1e-3}, GeomregCall(blur=BLUR, **grid)))
     if nodes <= args.fine_max:  # converging at a blur of 1.5 pixels takes hundreds of iterations
-        configs.append(Config("geomreg_conv_fine", "geomreg", "grid, tol=1e-3, blur=1.5/N",
+        configs.append(Config("geomreg_conv_fine", "geomreg", f"grid, tol=1e-3, blur={FINE:g}/N",
                               {"blur": fine, "tol": 1e-3}, GeomregCall(blur=fine, **grid)))
     if nodes <= args.points_max:
         configs.append(Config("geomreg_points", "geomreg", f"points, backend=auto, blur={BLUR}",
@@ -184,7 +185,7 @@ def make_configs(n: int, nodes: int, geomloss_inputs: tuple[torch.Tensor, torch.
 
 
 def ref_key(c: Config) -> str:
-    """Which reference a configuration is compared with: ``blur`` (0.05) or ``fine`` (1.5/N)."""
+    """Which reference a configuration is compared with: ``blur`` (0.05) or ``fine`` (FINE/N)."""
     return "blur" if c.params["blur"] == BLUR else "fine"
 
 
@@ -278,7 +279,7 @@ def measure_case(kind: str, n: int, args: argparse.Namespace, dev: torch.device)
     else:
         refs["fine"] = {"value": None, "blur": FINE / n,
                         "skipped": f"more than --fine-max {args.fine_max} nodes"}
-        log(f"    reference at blur 1.5/N skipped (more than --fine-max {args.fine_max} nodes)")
+        log(f"    reference at blur {FINE:g}/N skipped (more than --fine-max {args.fine_max} nodes)")
     configs = make_configs(n, nodes, case["geomloss"], args)
     warm = nodes <= WARMUP_FULL_MAX and not args.quick
     for r in range(0 if warm else 1, args.repeats + 1):  # round 0: the untimed warm-up
@@ -384,7 +385,7 @@ def goals(report: dict[str, Any]) -> list[str]:
     same = [c for c in report["cases"] if c["kind"] == "image" and c["n"] == GOAL_SAME_SIZE]
     ratios = [fmt_ratio(c["configs"]["geomreg_same"]["median_s"],
                         c["configs"].get("geomloss_same", {}).get("median_s")) for c in same]
-    lines.append(f"geomreg no slower than GeomLoss's grid solver at {GOAL_SAME_SIZE}^2, blur 1.5/N, "
+    lines.append(f"geomreg no slower than GeomLoss's grid solver at {GOAL_SAME_SIZE}^2, blur {FINE:g}/N, "
                  f"scaling 0.5 (ratio <= {GOAL_SAME:g}): "
                  + (f"ratio {', '.join(ratios)}" if same else f"not measured (no {GOAL_SAME_SIZE}^2 case)"))
     conv = [c for c in report["cases"] if c["kind"] == "image" and c["n"] == GOAL_CONV_SIZE]
@@ -442,7 +443,7 @@ def render(report: dict[str, Any]) -> str:
     out += ["## Goals (printed, not asserted)", ""]
     out += [f"- {g}" for g in goals(report)] + [""]
 
-    out += ["## 1. Same work: blur 1.5/N, scaling 0.5, GeomLoss's schedule (geomreg tol=inf, "
+    out += [f"## 1. Same work: blur {FINE:g}/N, scaling 0.5, GeomLoss's schedule (geomreg tol=inf, "
             "diameter=1)", ""]
     rows = []
     for c in cases:
@@ -551,8 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--points-max", type=int, default=256 * 256,
                     help="time the point backends on grids of at most this many nodes")
     ap.add_argument("--fine-max", type=int, default=256 * 256,
-                    help="converge at blur 1.5/N (and compute its reference) on grids of at most this "
+                    help="converge at the fine blur (and compute its reference) on grids of at most this "
                     "many nodes: at that blur Sinkhorn needs hundreds of iterations")
+    ap.add_argument("--fine-px", type=float, default=FINE,
+                    help="the fine blur in pixels (blur = FINE_PX / N); 1 is GeomLoss's smallest")
     ap.add_argument("--no-geomloss", action="store_true", help="time geomreg alone")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: images {QUICK_SIZES[0]}^2 and {QUICK_SIZES[1]}^2, a "
@@ -625,7 +628,9 @@ def run(args: argparse.Namespace, dev: torch.device, json_path: Path, md_path: P
 
 
 def main(argv: list[str] | None = None) -> int:
+    global FINE
     args = parse_args(argv)
+    FINE = args.fine_px
     if args.child is not None:
         return child_main(args.child)
     return bench_main("grid", args, run, render)

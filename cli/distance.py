@@ -145,7 +145,7 @@ def distance(
                 f"{result.loss} = {result.value.item():.6g} | backend {result.backend} "
                 f"({result.backend_reason}) | {result.device} {result.dtype} | "
                 f"{result.n_iter} iterations | marginal error {result.marginal_error} | "
-                f"{result.time_s:.3f} s"
+                f"error bound {_bound(result)} | {result.time_s:.3f} s"
             )
         record = result.to_dict()
         record.update(a=str(a), b=str(b), mass=mass, keep_mass=keep_mass, **rerun)
@@ -156,6 +156,15 @@ def distance(
                 f"{result.marginal_error:.3g} > --tol {tol:g}; raise --max-iter or --blur"
             )
             raise typer.Exit(EXIT_NOT_CONVERGED)
+
+
+def _bound(result) -> str:
+    """The certified error bound for the summary line, or why there is none."""
+    if result.error_bound is not None:
+        return f"{result.error_bound:.3g}"
+    if result.loss != "sinkhorn":
+        return "exact"
+    return "n/a (unbalanced, --tol inf or --cost)"
 
 
 def _compute(mu, nu, **kwargs):

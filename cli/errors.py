@@ -111,6 +111,28 @@ def uninterrupted():
             raise exc
 
 
+#: the library's parameter names that an error can blame, and the flag each one is on the
+#: command line when that is not ``--`` + the name with dashes
+_PARAMETERS = {
+    "apply": None, "backend": None, "blur": None, "cluster_scale": None, "cost": None,
+    "device": None, "diameter": None, "dtype": None, "field": None, "fits": None, "init": None,
+    "levels": None, "loss": None, "lr": None, "mass": None, "max_iter": None, "model": None,
+    "normalize": "--keep-mass", "p": None, "plot": None, "reach": None, "scaling": None,
+    "seed": None, "steps": None, "tol": None, "top_k": None, "truncate": None, "voxel": None,
+    "weight_property": None,
+}
+
+
+def flag_of(where: str) -> str:
+    """The flag of a library parameter named by an error: ``max_iter`` -> ``--max-iter``.
+
+    Anything else (a file name) comes back unchanged.
+    """
+    if where in _PARAMETERS:
+        return _PARAMETERS[where] or "--" + where.replace("_", "-")
+    return where
+
+
 def one_line(message: str) -> str:
     """Escape control characters (a newline in a file name) so the message stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
@@ -141,7 +163,8 @@ def handle_errors(debug: bool = False):
         if debug or not isinstance(err, Exception):  # --debug: the traceback; SystemExit
             raise
         if isinstance(err, GeomregError):
-            raise fail(str(err), err.exit_code) from None
+            where = flag_of(err.where)
+            raise fail(f"{where}: {err.problem}" if where else err.problem, err.exit_code) from None
         if isinstance(err, MemoryError) or _out_of_memory(err):  # a bug, or memory: one line
             raise fail("out of memory; try fewer points, --dtype float32 or another --backend",
                        EXIT_DATA) from None

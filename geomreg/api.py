@@ -55,6 +55,7 @@ def divergence(
     cluster_scale: float | None = None,
     field: bool = False,
     on_result: Callable[[DivergenceResult], None] | None = None,
+    init: Any = None,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
 
@@ -105,6 +106,11 @@ def divergence(
             functions that call ``divergence`` many times and pass their extra keyword
             arguments on (:func:`geomreg.register`, :func:`geomreg.flow`) let a caller see
             each evaluation (backend, device, dtype) this way.
+        init: sinkhorn: a warm start, an earlier :class:`DivergenceResult` (or its
+            ``duals``) of a problem with as many points and the same blur, p, reach and
+            debias, e.g. the previous step of a gradient flow. The epsilon schedule is
+            skipped: the iterations start at the final temperature from its potentials, so
+            a problem that moved a little costs a few iterations instead of a schedule.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -119,12 +125,16 @@ def divergence(
                                                        max_iter, diameter)
     dev = _resolve_device(device, x, y)
     dt = _resolve_dtype(dtype, x, y)
+    if init is not None:
+        if loss != "sinkhorn":
+            raise ParameterError("init", f"warm starts apply to sinkhorn, not {loss}")
+        init = getattr(init, "duals", init)
     if field and loss != "sinkhorn":
-        raise ParameterError("--field", f"needs loss sinkhorn, not {loss}")
+        raise ParameterError("field", f"needs loss sinkhorn, not {loss}")
     grid_problem = _grid_problem(x, y, loss, p, cost)
     use_grid = backend == "grid" or (backend == "auto" and grid_problem is None)
     if backend == "grid" and grid_problem is not None:
-        raise ParameterError("--backend", f"grid: {grid_problem}")
+        raise ParameterError("backend", f"grid: {grid_problem}")
     layouts = None
     if use_grid:  # every pixel of each grid becomes a node (zero-mass pixels included)
         (xs, a_t, x_name, lay_a), (ys, b_t, y_name, lay_b) = (
@@ -146,7 +156,7 @@ def divergence(
         gap = (m_a - m_b).abs().max().item()
         if gap > 1e-6 * max(m_a.max().item(), m_b.max().item()):
             raise InputError(
-                "--keep-mass",
+                "normalize",
                 f"total masses differ ({m_a.max().item():.6g} vs {m_b.max().item():.6g}); "
                 "balanced OT needs equal masses: give --reach for unbalanced OT, or "
                 "normalise the weights",
@@ -171,11 +181,11 @@ def divergence(
 
     if cost is not None:
         if loss not in ("sinkhorn", "hausdorff"):
-            raise ParameterError("--cost", f"applies to sinkhorn and hausdorff, not {loss}")
+            raise ParameterError("cost", f"applies to sinkhorn and hausdorff, not {loss}")
         if not (isinstance(cost, str) and cost.strip()):
-            raise ParameterError("--cost", "must be a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2'")
+            raise ParameterError("cost", "must be a KeOps formula in X and Y, e.g. 'SqDist(X,Y)/2'")
         if backend == "tensorized":
-            raise ParameterError("--cost", "a KeOps formula needs --backend online (or auto)")
+            raise ParameterError("cost", "a KeOps formula needs --backend online (or auto)")
         backend = "online"
     if layouts is not None:
         why = "requested" if backend == "grid" else "both inputs are density grids (images or volumes)"
@@ -203,14 +213,14 @@ def divergence(
         n_steps = estimate_steps(p, d, blur, scaling)
         if n_steps + 1 > max_iter:
             raise ParameterError(
-                "--max-iter",
+                "max_iter",
                 f"the schedule alone needs {n_steps + 1} iterations (diameter {d:.4g}, blur "
                 f"{blur:g}, scaling {scaling:g}), more than --max-iter {max_iter}",
             )
         schedule = EpsilonSchedule(p, d, blur, scaling)
         out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
                             debias=debias, tol=tol, max_iter=max_iter, on_step=on_step,
-                            cost_formula=cost, field=field)
+                            cost_formula=cost, field=field, init=init)
         params.update(p=p, blur=blur, eps=schedule.eps, reach=reach,
                       rho=None if reach is None else reach**p, diameter=d, scaling=scaling,
                       debias=debias, tol=tol, max_iter=max_iter)
@@ -260,6 +270,8 @@ def divergence(
         backend_fallback=choice.fallback,
         field=disp,
         plan=plan,
+        error_bound=out.error_bound,
+        duals=out.duals,
     )
     if on_result is not None:
         on_result(result)
@@ -287,7 +299,7 @@ def seed_everything(seed: int) -> int:
         ParameterError: ``seed`` is not an integer from 0 to :data:`SEED_MAX`.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
-        raise ParameterError("--seed", f"must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+        raise ParameterError("seed", f"must be an integer from 0 to {SEED_MAX}, got {seed!r}")
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -316,11 +328,11 @@ def _resolve_device(device, x, y) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ParameterError("--device", f"unknown device {device!r}: auto, cpu or cuda") from err
+        raise ParameterError("device", f"unknown device {device!r}: auto, cpu or cuda") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("--device", "cuda requested but torch sees no CUDA GPU here")
+        raise BackendUnavailable("device", "cuda requested but torch sees no CUDA GPU here")
     if dev.type not in ("cpu", "cuda"):
-        raise ParameterError("--device", f"unsupported device {device!r}: auto, cpu or cuda")
+        raise ParameterError("device", f"unsupported device {device!r}: auto, cpu or cuda")
     return dev
 
 
@@ -332,10 +344,10 @@ def _resolve_dtype(dtype, x, y) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ParameterError("--dtype", f"must be float32 or float64, got {dtype}")
+            raise ParameterError("dtype", f"must be float32 or float64, got {dtype}")
         return dtype
     if dtype not in DTYPES:
-        raise ParameterError("--dtype", f"must be float32 or float64, got {dtype!r}")
+        raise ParameterError("dtype", f"must be float32 or float64, got {dtype!r}")
     return DTYPES[dtype]
 
 

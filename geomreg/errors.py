@@ -11,7 +11,7 @@ class GeomregError(Exception):
     """Base class of every error geomreg raises on purpose.
 
     Args:
-        where: the file, option or argument at fault (``"b.ply"``, ``"--blur"``); may be
+        where: the file or parameter at fault (``"b.ply"``, ``"blur"``); may be
             empty when no single place is to blame.
         problem: what is wrong, in one line.
     """

@@ -47,7 +47,7 @@ def check_path(path: PathLike) -> None:
     """
     suffix = Path(path).suffix
     if suffix.lower() != ".png":
-        raise ParameterError("--plot", f"pictures are written as .png, not {suffix or Path(path).name!r}")
+        raise ParameterError("plot", f"pictures are written as .png, not {suffix or Path(path).name!r}")
 
 
 def check_dimension(dim: int) -> None:
@@ -57,7 +57,7 @@ def check_dimension(dim: int) -> None:
         ParameterError: ``dim`` is not 1, 2 or 3 (exit code 2 on the command line).
     """
     if dim not in (1, 2, 3):
-        raise ParameterError("--plot", "pictures are for 1-, 2- and 3-D problems")
+        raise ParameterError("plot", "pictures are for 1-, 2- and 3-D problems")
 
 
 def plot_flow(
@@ -212,7 +212,7 @@ def plot_images(
     images = [np.asarray(d, dtype=np.float64) for d in (source_density, target_density, transported_density)]
     for name, img in zip(("source", "target", "transported"), images, strict=True):
         if img.ndim != 2:
-            raise ParameterError("--plot", f"the {name} density is not an image (shape {img.shape})")
+            raise ParameterError("plot", f"the {name} density is not an image (shape {img.shape})")
     top = max(float(np.nanmax(img)) for img in images)
     top = top if top > 0 else 1.0
     fig, axes = _figure(1, 3, width=3.2, height=3.0)

@@ -92,21 +92,21 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
         A :class:`MatchResult`.
     """
     if kwargs.get("loss", "sinkhorn") != "sinkhorn":
-        raise ParameterError("--loss", f"match follows the Sinkhorn transport plan; got {kwargs['loss']}")
+        raise ParameterError("loss", f"match follows the Sinkhorn transport plan; got {kwargs['loss']}")
     for key in ("field", "potentials"):
         kwargs.pop(key, None)
     result = divergence(x, y, field=True, **kwargs)
     if result.plan is None and result.grid is not None:
         return _match_images(x, y, result, apply, top_k, evaluate_after, kwargs)
     if result.plan is None:
-        raise ParameterError("--backend", "match needs one pair of clouds (not a batch)")
+        raise ParameterError("backend", "match needs one pair of clouds (not a batch)")
     plan = result.plan
     points = plan.x[0] + plan.centre  # the centre's precision: the input's (float64 for arrays)
     registered = points + result.field
     applied = applied_field = None
     if apply is not None:
         applied_field = plan.field_at(apply)
-        applied = _points(apply, plan.x, "--apply", plan.centre) + plan.centre + applied_field
+        applied = _points(apply, plan.x, "apply", plan.centre) + plan.centre + applied_field
     matches = plan.matches(top_k) if top_k is not None else None
     after = None
     if evaluate_after:  # the registered points keep the (normalised) source weights
@@ -118,7 +118,7 @@ def match(x: Any, y: Any, *, apply: Any = None, top_k: int | None = None,
 def _match_images(x, y, result, apply, top_k, evaluate_after, kwargs) -> MatchResult:
     """:func:`match` between two density images (or volumes) solved on their grids."""
     if apply is not None or top_k is not None:
-        flag = "--apply" if apply is not None else "--top-k"
+        flag = "apply" if apply is not None else "top_k"
         raise ParameterError(flag, "not for density images on the grid backend; "
                              "use --backend tensorized, online or multiscale")
     gx, gy = x.grid, y.grid
@@ -222,11 +222,11 @@ def flow(
     from .measure import Measure
 
     if not (lr > 0 and math.isfinite(lr)):
-        raise ParameterError("--lr", f"must be a positive number, got {lr}")
+        raise ParameterError("lr", f"must be a positive number, got {lr}")
     if not (isinstance(steps, int) and steps >= 0):
-        raise ParameterError("--steps", f"must be an integer >= 0, got {steps}")
+        raise ParameterError("steps", f"must be an integer >= 0, got {steps}")
     if not tol >= 0:
-        raise ParameterError("--tol", f"must be >= 0, got {tol}")
+        raise ParameterError("tol", f"must be >= 0, got {tol}")
     for key in ("field", "potentials"):
         kwargs.pop(key, None)
     a = kwargs.pop("a", None)
@@ -382,12 +382,12 @@ def register(
                                    flow=moved, value=moved.steps[-1].loss)
 
     if model not in MODELS:
-        raise ParameterError("--model", f"one of {', '.join(MODELS)}, not {model!r}")
+        raise ParameterError("model", f"one of {', '.join(MODELS)}, not {model!r}")
     if kwargs.get("loss", "sinkhorn") != "sinkhorn":
-        raise ParameterError("--loss", "register fits the Sinkhorn transport plan")
+        raise ParameterError("loss", "register fits the Sinkhorn transport plan")
     for key, value in (("levels", levels), ("fits", fits)):
         if not (isinstance(value, int) and value >= 1):
-            raise ParameterError(f"--{key}", f"must be an integer >= 1, got {value}")
+            raise ParameterError(key, f"must be an integer >= 1, got {value}")
     a = kwargs.pop("a", None)
     b = kwargs.pop("b", None)
     if isinstance(x, Measure):
@@ -399,11 +399,11 @@ def register(
     x_full = torch.as_tensor(np.asarray(x, dtype=np.float64))
     y_full = torch.as_tensor(np.asarray(y, dtype=np.float64))
     if x_full.dim() != 2 or y_full.dim() != 2 or x_full.shape[1] != y_full.shape[1]:
-        raise ParameterError("--model", "register takes two clouds (N, D) and (M, D) of the same D")
+        raise ParameterError("model", "register takes two clouds (N, D) and (M, D) of the same D")
     a_full = None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float64))
     xs, ys = x_full, y_full
     if voxel is not None and not (voxel > 0 and math.isfinite(voxel)):
-        raise ParameterError("--voxel", f"must be a positive length, got {voxel}")
+        raise ParameterError("voxel", f"must be a positive length, got {voxel}")
     if voxel is None and surface and max(len(x_full), len(y_full)) > COARSE_POINTS:
         voxel = _side_for(torch.cat([x_full, y_full]), COARSE_POINTS)
     if voxel is not None:

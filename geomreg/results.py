@@ -59,6 +59,10 @@ class LossOutput:
         plan: Sinkhorn: the final temperature and the column log-weights of the plans
             (a, b) and (a, a), ``h = log w + g / eps``, from which
             :class:`~geomreg.transport.TransportPlan` evaluates the plan anywhere.
+        duals: Sinkhorn: the raw potentials of the final step
+            (:class:`~geomreg.engine.base.Duals`), the warm start of a later run.
+        error_bound: Sinkhorn, balanced, converge phase run: a certified bound on the
+            value's error (see :func:`geomreg.losses.sinkhorn.error_bound`), else None.
     """
 
     values: Any
@@ -70,6 +74,8 @@ class LossOutput:
     engine_info: dict[str, Any] | None = None
     field: Any = None
     plan: dict[str, Any] | None = None
+    duals: Any = None
+    error_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,13 @@ class DivergenceResult:
         plan: Sinkhorn on one pair of clouds: the entropic transport plan, as a
             :class:`~geomreg.transport.TransportPlan` (the field at other points, the
             strongest matches of each source point); not in ``to_dict``.
+        error_bound: Sinkhorn, balanced, with the converge phase (``tol`` finite): a
+            certified bound on ``|value - exact value|`` (the exact value being the
+            divergence at the exact potentials), from the concavity of the dual
+            objective; None otherwise (unbalanced, ``tol=inf``, a custom cost formula).
+        duals: Sinkhorn: the raw potentials of the final step, batched ``(1, N)`` shapes
+            (:class:`~geomreg.engine.base.Duals`): pass the result as ``init`` of a later
+            call to warm-start it; not in ``to_dict``.
     """
 
     value: Any
@@ -126,6 +139,8 @@ class DivergenceResult:
     grid: dict[str, Any] | None = None
     field: Any = None
     plan: Any = None
+    error_bound: float | None = None
+    duals: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view: numbers, strings, lists (potentials are left out)."""
@@ -144,6 +159,7 @@ class DivergenceResult:
             "converged": self.converged,
             "n_iter": self.n_iter,
             "marginal_error": self.marginal_error,
+            "error_bound": self.error_bound,
             "schedule": [s.to_dict() for s in self.schedule],
             "time_s": self.time_s,
             "versions": self.versions,

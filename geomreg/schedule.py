@@ -42,11 +42,11 @@ class EpsilonSchedule:
 
     def __post_init__(self):
         if not (self.blur > 0 and math.isfinite(self.blur)):
-            raise ParameterError("--blur", f"must be a positive finite number, got {self.blur}")
+            raise ParameterError("blur", f"must be a positive finite number, got {self.blur}")
         if not (0 < self.scaling < 1):
-            raise ParameterError("--scaling", f"must lie in (0, 1), got {self.scaling}")
+            raise ParameterError("scaling", f"must lie in (0, 1), got {self.scaling}")
         if not (self.diameter >= 0 and math.isfinite(self.diameter)):
-            raise ParameterError("--diameter", f"must be finite and >= 0, got {self.diameter}")
+            raise ParameterError("diameter", f"must be finite and >= 0, got {self.diameter}")
 
     @property
     def epsilons(self) -> list[float]:

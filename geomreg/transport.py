@@ -63,7 +63,7 @@ class TransportPlan:
             return self.a[0]
         return self.a[0] * torch.exp(-self.f_ba[0] / self.rho)
 
-    def field_at(self, points: Any, name: str = "--apply") -> torch.Tensor:
+    def field_at(self, points: Any, name: str = "apply") -> torch.Tensor:
         """``(K, D)``: the displacement field at ``points (K, D)`` (input coordinates).
 
         The barycentre of the plan's row at each point, minus that of the source's plan to
@@ -89,7 +89,7 @@ class TransportPlan:
         """
         m = self.y.shape[1]
         if not 1 <= k <= m:
-            raise ParameterError("--top-k", f"must be between 1 and the {m} target points, got {k}")
+            raise ParameterError("top_k", f"must be between 1 and the {m} target points, got {k}")
         x, y, h = self.x[0], self.y[0], self.h_ab[0]
         idx, weights = [], []
         with torch.no_grad():

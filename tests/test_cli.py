@@ -1211,3 +1211,13 @@ def test_batch_jobs_take_the_batch_seed_unless_their_row_sets_one(clouds, tmp_pa
     assert [r["status"] for r in records] == ["ok", "ok"]
     assert [(r["seed"], r["result"]["seed"]) for r in records] == [(9, 9), (4, 4)]
     assert records[0]["result"]["value"] == records[1]["result"]["value"]  # nothing random yet
+
+
+def test_library_parameter_names_become_flags():
+    from cli.errors import flag_of
+
+    assert flag_of("max_iter") == "--max-iter"
+    assert flag_of("normalize") == "--keep-mass"
+    assert flag_of("blur") == "--blur"
+    assert flag_of("b.ply") == "b.ply"  # a file name stays as it is
+    assert flag_of("x") == "x"

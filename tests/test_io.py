@@ -750,7 +750,7 @@ def test_weight_property_on_other_format(tmp_path):
 def test_parameter_errors(tmp_path):
     path = tmp_path / "a.npy"
     np.save(path, PTS)
-    with pytest.raises(ParameterError, match="--mass"):
+    with pytest.raises(ParameterError, match="mass"):
         read_measure(path, mass="grey")
     with pytest.raises(ParameterError):
         read_measure(path, weights=path, weight_property="c")

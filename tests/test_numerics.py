@@ -312,9 +312,10 @@ def _unbalanced_problem(m_a, m_b):
     v_ab, g_ab = _pot_uot(x, a, y, b, eps, rho)
     v_aa, g_aa = _pot_uot(x, a, x, a, eps, rho)
     v_bb, _ = _pot_uot(y, b, y, b, eps, rho)
-    # S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2, all with the generalised KL (README); OT(a, a)
-    # has x on both sides and a symmetric plan, hence the full g_aa
-    return x, a, y, b, v_ab - v_aa / 2 - v_bb / 2, g_ab - g_aa
+    # S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 + (eps/2)(m_a - m_b)^2, all with the generalised
+    # KL (README; Séjourné et al. 2019); OT(a, a) has x on both sides and a symmetric plan,
+    # hence the full g_aa; the mass term does not depend on the points
+    return x, a, y, b, v_ab - v_aa / 2 - v_bb / 2 + eps / 2 * (m_a - m_b) ** 2, g_ab - g_aa
 
 
 @pytest.mark.parametrize("masses", [(1.0, 1000.0), (1e-3, 1.0)], ids=["1-vs-1000", "1e-3-vs-1"])

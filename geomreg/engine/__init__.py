@@ -42,7 +42,7 @@ def _online() -> Backend:
 
     ok, reason = keops_available()
     if not ok:
-        raise BackendUnavailable("--backend", f"online needs pykeops and a working C++ compiler: {reason}")
+        raise BackendUnavailable("backend", f"online needs pykeops and a working C++ compiler: {reason}")
     return OnlineBackend()
 
 
@@ -98,13 +98,12 @@ def get_backend(name: str, **options: float | None) -> Backend:
     """
     if name not in _REGISTRY:
         raise ParameterError(
-            "--backend", f"unknown backend {name!r}; choose auto or one of {available_backends()}"
+            "backend", f"unknown backend {name!r}; choose auto or one of {available_backends()}"
         )
     accepted = _OPTIONS.get(name, ())
     for key, value in options.items():
         if value is not None and key not in accepted:
-            flag = "--" + key.replace("_", "-")
-            raise ParameterError(flag, f"applies to the multiscale backend only, not {name}")
+            raise ParameterError(key, f"applies to the multiscale backend only, not {name}")
     return _REGISTRY[name](**{k: v for k, v in options.items() if k in accepted})
 
 
@@ -188,7 +187,7 @@ def choose_backend(
         note = f"the online backend cannot run here ({keops_reason}); using tensorized instead"
         return BackendChoice("tensorized", f"dense matrices of {n}x{m} fit in memory; {note}", fallback=note)
     raise BackendUnavailable(
-        "--backend",
+        "backend",
         f"{dense_problem}; the online backend (linear memory) is unavailable: {keops_reason}. "
         "Install pykeops and a C++ compiler (pip install 'pykeops>=2.2'), subsample the clouds "
         "or use --dtype float32",
@@ -217,6 +216,6 @@ def _check_dense_fits(n: int, m: int, itemsize: int, memory_bytes: int | None,
     problem = _dense_problem(n, m, itemsize, memory_bytes, self_pairs)
     if problem is not None:
         raise BackendUnavailable(
-            "--backend",
+            "backend",
             f"{problem}; use --backend online (linear memory), subsample the clouds or use --dtype float32",
         )

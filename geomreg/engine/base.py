@@ -11,14 +11,23 @@ debiasing or files. Three operations:
 
 Autograd flows through whatever the caller passes: the Sinkhorn loop detaches the column
 points itself when it wants row-only (envelope-theorem) gradients.
+
+Coarse-to-fine. The Sinkhorn loop asks every backend for its :class:`Levels` (one small
+protocol, :meth:`Backend.levels`): which level each step of the epsilon schedule runs on,
+the four problem pairs and the weights of a level, the pairs that carry potentials from one
+level to the next, and an optional truncation of the pairs given the current potentials.
+The default is one level (the points themselves); the multiscale backend has cluster
+centroids then points, the grid backend image pyramids. The loop never asks which backend
+it runs on.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,6 +92,102 @@ class Kernel:
         raise ValueError(f"unknown kernel {self.name!r}")
 
 
+class Pairs(NamedTuple):
+    """The pairs of a Sinkhorn problem, named by (rows, columns).
+
+    ``xy`` and ``yx`` carry the transport problem from α to β, ``xx`` and ``yy`` the
+    symmetric problems of the debiased divergence (None when not debiased). The same
+    names index the dual potentials (:class:`Duals`).
+    """
+
+    xy: Any
+    yx: Any
+    xx: Any = None
+    yy: Any = None
+
+
+class Duals(NamedTuple):
+    r"""The four dual potentials, each on the rows of the pair of the same name.
+
+    ``xy`` is :math:`f_{ba}` on x, ``yx`` is :math:`g_{ab}` on y, ``xx`` is :math:`f_{aa}` on x,
+    ``yy`` is :math:`g_{bb}` on y; tensors ``(B, N)`` or ``(B, M)``, in input order. The
+    symmetric ones are None when the divergence is not debiased.
+    """
+
+    xy: torch.Tensor
+    yx: torch.Tensor
+    xx: torch.Tensor | None = None
+    yy: torch.Tensor | None = None
+
+
+def problem_pairs(backend: Backend, x: torch.Tensor, y: torch.Tensor, fn: Cost, debias: bool,
+                  rows: Any = None, cols: Any = None) -> Pairs:
+    """The pairs (xy, yx, xx, yy) of a Sinkhorn problem; xx, yy are None when not debiased.
+
+    Rows keep their autograd history and columns are detached, so that autograd yields the
+    envelope-theorem gradients from the final step alone. ``rows``/``cols`` are passed to
+    :meth:`Backend.pair` as the row and column structures of x and y (clusters) when given.
+    """
+    def kw(r, c):
+        return {} if rows is None else {"rows": r, "cols": c}
+
+    xy = backend.pair(x, y.detach(), fn, **kw(rows, cols))
+    yx = backend.pair(y, x.detach(), fn, **kw(cols, rows))
+    if not debias:
+        return Pairs(xy, yx)
+    return Pairs(xy, yx, backend.pair(x, x.detach(), fn, **kw(rows, rows)),
+                 backend.pair(y, y.detach(), fn, **kw(cols, cols)))
+
+
+class Levels:
+    r"""Coarse-to-fine protocol of a backend: the levels a Sinkhorn run moves through.
+
+    This default has one level, the points themselves. A subclass (multiscale: cluster
+    centroids, then the points; grid: image pyramids) overrides:
+
+    - :meth:`level_at`: the level of schedule step i (the last step is always ``finest``);
+    - :meth:`pairs` and :meth:`weights`: the problem's pairs and weights ``(a, b)`` on a level;
+    - :meth:`transfer`: pairs whose rows are the nodes of a finer level and whose columns
+      are the nodes of the level before, through which the loop carries every potential to
+      the finer level by one softmin (a c-transform, exact on any two sets of nodes);
+    - :meth:`truncate`: the pairs restricted to what matters at temperature eps given the
+      current potentials (the default keeps everything).
+
+    ``jump_is_update``: when the last schedule step moves to a finer level, that transfer
+    is the step's update (the grid backend, as GeomLoss's image solver does). ``info``: what
+    the backend reports about the run (a dict for the result), or None.
+    """
+
+    finest: Hashable = 0
+    jump_is_update = False
+
+    def __init__(self, backend: Backend, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor,
+                 b: torch.Tensor, cost: Cost, epsilons: list[float], debias: bool):
+        self.a, self.b = a, b
+        self._pairs = problem_pairs(backend, x, y, cost, debias)
+        self.info: dict[str, Any] | None = None
+
+    def level_at(self, step: int) -> Hashable:
+        """The level that schedule step ``step`` runs on."""
+        return self.finest
+
+    def pairs(self, level: Hashable) -> Pairs:
+        """The problem's pairs on ``level``."""
+        return self._pairs
+
+    def weights(self, level: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights ``(a (B, N'), b (B, M'))`` of both measures on ``level``."""
+        return self.a, self.b
+
+    def transfer(self, old: Hashable, new: Hashable) -> Pairs:
+        """Pairs from the nodes of level ``new`` (rows) to those of level ``old`` (columns)."""
+        raise NotImplementedError("one level: nothing to transfer")
+
+    def truncate(self, level: Hashable, pairs: Pairs, duals: Duals, eps: float) -> Pairs:
+        """``pairs`` restricted for temperature ``eps`` and potentials ``duals`` (default: all)."""
+        return pairs
+
+
 class Backend(ABC):
     """A way to reduce over pairs of points. Subclasses are registered in engine/__init__.py."""
 
@@ -100,6 +205,11 @@ class Backend(ABC):
     @abstractmethod
     def kernel_sum(self, pair: Any, w: torch.Tensor) -> torch.Tensor:
         r"""``(B, N)``: :math:`\sum_j k(x_i, y_j) w_j`, w ``(B, M)``."""
+
+    def levels(self, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, b: torch.Tensor,
+               cost: Cost, epsilons: list[float], debias: bool) -> Levels:
+        """The coarse-to-fine levels of a Sinkhorn problem on this backend (default: one)."""
+        return Levels(self, x, a, y, b, cost, epsilons, debias)
 
 
 def dense_bytes(n: int, m: int, itemsize: int, matrices: int) -> int:

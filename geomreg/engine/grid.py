@@ -38,7 +38,7 @@ terms weigh less than :math:`e^{-\mathrm{DROP}}` of the sum (2e-9 in float32).
 A coarse-to-fine pyramid (:meth:`GridLayout.coarsen`, 2 x 2 sum pooling of the masses, the
 pooled node at the mean of its children) lets the first steps of the epsilon schedule run
 on small grids; the Sinkhorn loop moves from level to level by one exact softmin of the
-finer nodes against the coarser potentials (``losses/sinkhorn.py``, ``_Pyramid``).
+finer nodes against the coarser potentials (:class:`PyramidLevels`).
 
 The gaussian kernel factorises the same way (kernel sums are plain matrix products). The
 p = 1 cost :math:`\|x-y\|` does not factorise (the separable form would be the L1 cost
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ParameterError
-from .base import Backend, Cost, Kernel
+from .base import Backend, Cost, Kernel, Levels, Pairs
 
 #: largest |delta_j * eta_l| / eps inside one tile, by dtype (see the module docstring)
 SAFE_EXPONENT = {torch.float32: 25.0, torch.float64: 250.0}
@@ -469,8 +469,6 @@ class GridBackend(Backend):
     """
 
     name = "grid"
-    #: the Sinkhorn loop runs a coarse-to-fine pyramid with this backend
-    pyramid = True
 
     def __init__(self, layouts: tuple[GridLayout, ...] = ()):
         self.layouts = tuple(layouts)
@@ -480,24 +478,28 @@ class GridBackend(Backend):
         pts = points.detach()
         if pts.dim() == 3:
             if pts.shape[0] != 1:
-                raise ParameterError("--backend", "the grid backend takes one pair of images, not a batch")
+                raise ParameterError("backend", "the grid backend takes one pair of images, not a batch")
             pts = pts[0]
         for lay in self.layouts:
             if lay.size == pts.shape[0] and len(lay.dims) == pts.shape[1]:
                 nodes = lay.points().to(pts)
                 if torch.equal(nodes, pts):
                     return lay
-        raise ParameterError("--backend", "the grid backend needs measures on pixel or voxel grids "
+        raise ParameterError("backend", "the grid backend needs measures on pixel or voxel grids "
                              "(density images or volumes)")
+
+    def levels(self, x, a, y, b, cost, epsilons, debias) -> PyramidLevels:
+        """Image pyramids: each schedule step on the coarsest level fine enough for its blur."""
+        return PyramidLevels(self, x, a, y, b, cost, epsilons, debias)
 
     def pair(self, x: torch.Tensor, y: torch.Tensor, fn: Cost | Kernel, *,
              rows: GridLayout | None = None, cols: GridLayout | None = None) -> GridPair:
         """Bind two grids (given, or recognised from their nodes ``x``, ``y``) to a cost or kernel."""
         if isinstance(fn, Cost) and (fn.p != 2 or fn.formula is not None):
-            raise ParameterError("--p", "the grid backend computes the cost |x-y|^2/2 only (p = 2); "
+            raise ParameterError("p", "the grid backend computes the cost |x-y|^2/2 only (p = 2); "
                                  "use a point backend for p = 1")
         if isinstance(fn, Kernel) and fn.name != "gaussian":
-            raise ParameterError("--loss", f"the grid backend computes gaussian kernels, not {fn.name}; "
+            raise ParameterError("loss", f"the grid backend computes gaussian kernels, not {fn.name}; "
                                  "use a point backend")
         return GridPair(rows or self.layout_of(x), cols or self.layout_of(y), fn)
 
@@ -516,3 +518,75 @@ class GridBackend(Backend):
             return lines @ torch.exp(-((u[:, None] - v[None, :]) ** 2) / (2 * s2)).T
 
         return _along_axes(w, pair.rows, pair.cols, reduce)
+
+
+class PyramidLevels(Levels):
+    r"""The coarse-to-fine levels of the grid backend: one image pyramid per measure.
+
+    Each pyramid pools 2 x 2 down to one node. Schedule step i runs on the coarsest level
+    of each pyramid whose cell is at most :math:`\sigma_i = \varepsilon_i^{1/p}` (GeomLoss's
+    rule), and the last step always on the finest levels, whatever the blur (GeomLoss's
+    solver accepts only blurs between one and two pixels for its levels to line up). A
+    level is a pair (level of A, level of B). When it changes, the loop carries the
+    potentials over by one exact softmin of the new nodes against the old potentials
+    (:meth:`transfer`: a c-transform, not an interpolation), which works between any two
+    grids; at the last step that transfer is the step's update (``jump_is_update``, as in
+    GeomLoss: at blur 1.5 px it saved a fifth of the time on 512^2 images and moved the
+    value by 1.3e-5 relative).
+    """
+
+    finest = (0, 0)
+    jump_is_update = True
+
+    def __init__(self, backend: GridBackend, x, a, y, b, cost, epsilons, debias):
+        self.backend, self.cost, self.debias = backend, cost, debias
+        self.lx, self.ly = pyramid(backend.layout_of(x)), pyramid(backend.layout_of(y))
+        self.wx, self.wy = [a], [b]
+        for lay in self.lx[:-1]:
+            self.wx.append(lay.pool(self.wx[-1]))
+        for lay in self.ly[:-1]:
+            self.wy.append(lay.pool(self.wy[-1]))
+        sigmas = [e ** (1.0 / cost.p) for e in epsilons]
+        self.keys = [(_level(self.lx, s), _level(self.ly, s)) for s in sigmas[:-1]] + [self.finest]
+        jumps = [i for i in range(1, len(self.keys)) if self.keys[i] != self.keys[i - 1]]
+        self.info = {
+            "levels": [[list(self.lx[i].shape), list(self.ly[j].shape)] for i, j in
+                       dict.fromkeys(self.keys)],
+            "jump_steps": jumps,
+        }
+
+    def level_at(self, step: int):
+        """(level of A, level of B) of schedule step ``step``."""
+        return self.keys[step]
+
+    def _pairs(self, x_rows, y_rows, x_cols, y_cols) -> Pairs:
+        def pair(rows, cols):
+            return self.backend.pair(None, None, self.cost, rows=rows, cols=cols)
+
+        xy, yx = pair(x_rows, y_cols), pair(y_rows, x_cols)
+        if not self.debias:
+            return Pairs(xy, yx)
+        return Pairs(xy, yx, pair(x_rows, x_cols), pair(y_rows, y_cols))
+
+    def pairs(self, level) -> Pairs:
+        """The four pairs between the two pyramids' grids of ``level``."""
+        i, j = level
+        return self._pairs(self.lx[i], self.ly[j], self.lx[i], self.ly[j])
+
+    def weights(self, level):
+        """The pooled masses of both images on ``level``."""
+        return self.wx[level[0]], self.wy[level[1]]
+
+    def transfer(self, old, new) -> Pairs:
+        """Pairs from the grids of ``new`` (rows) to those of ``old`` (columns)."""
+        (i0, j0), (i1, j1) = old, new
+        return self._pairs(self.lx[i1], self.ly[j1], self.lx[i0], self.ly[j0])
+
+
+def _level(levels: list[GridLayout], sigma: float) -> int:
+    """Index of the coarsest level whose cell is at most ``sigma`` (0 if none is)."""
+    best = 0
+    for k, lay in enumerate(levels):
+        if lay.cell <= sigma:
+            best = k
+    return best

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ParameterError
 from . import native
-from .base import Backend, Cost, Kernel, safe_norm
+from .base import Backend, Cost, Duals, Kernel, Levels, Pairs, problem_pairs, safe_norm
 from .tensorized import _logsumexp_last, squared_distances
 
 #: rows per tile: a tile is a run of consecutive points in Morton order
@@ -135,10 +135,10 @@ def grid_clusters(points: torch.Tensor, weights: torch.Tensor, scale: float) -> 
         pts, w = points.detach(), weights.detach()
         n, dim = pts.shape
         if dim > 3:
-            raise ParameterError("--backend", f"multiscale handles dimensions up to 3, not {dim}")
+            raise ParameterError("backend", f"multiscale handles dimensions up to 3, not {dim}")
         cells = torch.floor((pts - pts.min(0).values) / scale)
         if float(cells.max()) >= 2 ** (_MORTON_BITS - _SUB_BITS):
-            raise ParameterError("--cluster-scale", f"{scale:g} is too small for the extent of the points")
+            raise ParameterError("cluster_scale", f"{scale:g} is too small for the extent of the points")
         fine = torch.floor((pts - pts.min(0).values) * (2**_SUB_BITS / scale)).to(torch.int64)
         base = cells.to(torch.int64) * 2**_SUB_BITS  # the fine cell must lie in its coarse cell
         codes = _morton(torch.clamp(fine, min=base, max=base + 2**_SUB_BITS - 1))
@@ -511,21 +511,20 @@ def _chunks(n: int) -> list[Tile]:
 
 
 class MultiscaleBackend(Backend):
-    """Block-sparse reductions over Morton-sorted points, and the coarse-to-fine protocol.
+    """Block-sparse reductions over Morton-sorted points, and their coarse-to-fine levels.
 
-    Besides the engine contract, the Sinkhorn loop uses :meth:`scale_for`, :meth:`cluster`,
-    :meth:`jump_index`, ``pair(..., rows=, cols=)`` and :meth:`truncated`
-    (see ``geomreg/losses/sinkhorn.py``).
+    :meth:`levels` gives the Sinkhorn loop a :class:`MultiscaleLevels` (centroids, then the
+    points truncated at each temperature); it uses :meth:`scale_for`, :meth:`cluster`,
+    :meth:`jump_index`, ``pair(..., rows=, cols=)``, :meth:`truncated` and :meth:`transposed`.
     """
 
     name = "multiscale"
-    multiscale = True
 
     def __init__(self, truncate: float | None = None, cluster_scale: float | None = None):
         if truncate is not None and not (truncate > 0):
-            raise ParameterError("--truncate", f"must be positive, got {truncate:g}")
+            raise ParameterError("truncate", f"must be positive, got {truncate:g}")
         if cluster_scale is not None and not (cluster_scale > 0 and math.isfinite(cluster_scale)):
-            raise ParameterError("--cluster-scale", f"must be positive and finite, got {cluster_scale:g}")
+            raise ParameterError("cluster_scale", f"must be positive and finite, got {cluster_scale:g}")
         self.truncate = truncate
         self.cluster_scale = cluster_scale
 
@@ -599,6 +598,10 @@ class MultiscaleBackend(Backend):
         return BlockPair(other.x, other.y, other.fn, cut.tiles, other.rows, other.cols,
                          cut.kept_pairs, cut.screen, transposed=True, runs=cut.runs)
 
+    def levels(self, x, a, y, b, cost, epsilons, debias) -> MultiscaleLevels:
+        """Cluster centroids for the first schedule steps, then the (truncated) points."""
+        return MultiscaleLevels(self, x, a, y, b, cost, epsilons, debias)
+
     # -- the engine contract ---------------------------------------------------------------
 
     def pair(
@@ -619,7 +622,7 @@ class MultiscaleBackend(Backend):
         _check_single(x)
         _check_single(y)
         if getattr(fn, "formula", None) is not None:
-            raise ParameterError("--cost", "a KeOps formula cost needs --backend online")
+            raise ParameterError("cost", "a KeOps formula cost needs --backend online")
         xs, ys = x[0], y[0]
         kernel_cut = isinstance(fn, Kernel) and fn.name in ("gaussian", "laplacian")
         if kernel_cut and rows is None:
@@ -827,9 +830,9 @@ def _merge_lse(top: torch.Tensor, total: torch.Tensor, parts: list) -> tuple[tor
 
 def _check_single(x: torch.Tensor) -> None:
     if x.dim() != 3 or x.shape[0] != 1:
-        raise ParameterError("--backend", "multiscale handles one pair of clouds at a time, not batches")
+        raise ParameterError("backend", "multiscale handles one pair of clouds at a time, not batches")
     if x.shape[-1] > 3:
-        raise ParameterError("--backend", f"multiscale handles dimensions up to 3, not {x.shape[-1]}")
+        raise ParameterError("backend", f"multiscale handles dimensions up to 3, not {x.shape[-1]}")
 
 
 def _softmin_block(xi: torch.Tensor, yj: torch.Tensor, hj: torch.Tensor, eps: float, p: int) -> torch.Tensor:
@@ -860,3 +863,80 @@ def _kernel_block(xi: torch.Tensor, yj: torch.Tensor, wj: torch.Tensor, kernel: 
         return z.clamp_max(0.0).exp() @ wj
     k = kernel.from_sqdist(squared_distances(xi[None], yj[None])[0])
     return k @ wj
+
+
+class MultiscaleLevels(Levels):
+    r"""The coarse-to-fine levels of the multiscale backend.
+
+    Two levels: 0, the cluster centroids weighted by the clusters' masses, for the
+    schedule's first steps while :math:`\varepsilon \ge \text{cluster\_scale}^p`; 1, the
+    points. At the jump the loop carries the potentials to the points by one softmin of the
+    points against the centroids (:meth:`transfer`). From then on, at each temperature,
+    every pair keeps only the blocks that matter given the current potentials
+    (:meth:`truncate`, :meth:`MultiscaleBackend.truncated`); the (y, x) pair keeps the
+    transpose of the (x, y) pair's blocks, so that both cross updates see one kernel.
+    """
+
+    finest = 1
+
+    def __init__(self, backend: MultiscaleBackend, x, a, y, b, cost, epsilons, debias):
+        self.backend, self.x, self.y, self.a, self.b = backend, x, y, a, b
+        self.cost, self.debias = cost, debias
+        self.scale = backend.scale_for(x, y)
+        self.rows = backend.cluster(x, a, self.scale)
+        self.cols = backend.cluster(y, b, self.scale)
+        self.jump = backend.jump_index(epsilons, self.scale, cost.p)
+        # sorted copies of the points, made here (outside no_grad) so that the final step's
+        # rows carry gradients; truncated views of these pairs are made at each new eps
+        self.full = problem_pairs(backend, x, y, cost, debias, self.rows, self.cols)
+        self.info = {
+            "cluster_scale": self.scale,
+            "clusters": [self.rows.k, self.cols.k],
+            "jump_step": self.jump,
+            "jump_blur": epsilons[self.jump] ** (1.0 / cost.p),
+            "truncate": backend.sinkhorn_truncate(cost.p),
+            "pairs_kept_fraction": None,
+        }
+
+    def level_at(self, step: int) -> int:
+        """0 (centroids) before the jump, 1 (points) from it on."""
+        return 0 if step < self.jump else 1
+
+    def _centroids(self):
+        return self.rows.centroids[None], self.cols.centroids[None]
+
+    def pairs(self, level: int) -> Pairs:
+        """The sorted point pairs (level 1, untruncated) or the centroid pairs (level 0)."""
+        if level == 1:  # every block: the loop truncates them right away
+            return self.full
+        xc, yc = self._centroids()
+        return problem_pairs(self.backend, xc, yc, self.cost, self.debias)
+
+    def weights(self, level: int):
+        """The points' weights (level 1) or the clusters' masses (level 0)."""
+        if level == 1:
+            return self.a, self.b
+        return self.rows.weights[None], self.cols.weights[None]
+
+    def transfer(self, old: int, new: int) -> Pairs:
+        """Pairs from the points (rows) to the centroids (columns)."""
+        xc, yc = self._centroids()
+        pair, cost = self.backend.pair, self.cost
+        xy, yx = pair(self.x, yc, cost), pair(self.y, xc, cost)
+        if not self.debias:
+            return Pairs(xy, yx)
+        return Pairs(xy, yx, pair(self.x, xc, cost), pair(self.y, yc, cost))
+
+    def truncate(self, level: int, pairs: Pairs, duals: Duals, eps: float) -> Pairs:
+        """The four fine pairs, truncated for temperature ``eps`` and these potentials."""
+        if level != 1:
+            return pairs
+        full, cut = self.full, self.backend.truncated
+        xy = cut(full.xy, duals.xy, duals.yx, eps)
+        out = Pairs(xy, self.backend.transposed(xy, full.yx))
+        if self.debias:
+            out = out._replace(xx=cut(full.xx, duals.xx, duals.xx, eps),
+                               yy=cut(full.yy, duals.yy, duals.yy, eps))
+        self.info["pairs_kept_fraction"] = {
+            name: pair.kept_fraction for name, pair in out._asdict().items() if pair is not None}
+        return out

@@ -308,7 +308,7 @@ class OnlineBackend(Backend):
 
             if not pykeops.config.gpu_available:
                 raise BackendUnavailable(
-                    "--device", "the online backend's pykeops has no CUDA support here; use --device cpu"
+                    "device", "the online backend's pykeops has no CUDA support here; use --device cpu"
                 )
         return OnlinePair(x.contiguous(), y.contiguous(), fn)
 
@@ -371,7 +371,7 @@ def _formula_softmin(eps: float, pair: OnlinePair, h: torch.Tensor) -> torch.Ten
             raise
         _genred_cache.pop(key, None)
         message = " ".join(str(exc).split())[:160]
-        raise ParameterError("--cost", f"KeOps cannot use the formula {formula!r}: {message}") from None
+        raise ParameterError("cost", f"KeOps cannot use the formula {formula!r}: {message}") from None
     return -eps * torch.stack(rows)
 
 

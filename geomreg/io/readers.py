@@ -105,9 +105,9 @@ def read_measure(
     path = Path(path)
     where = str(path)
     if mass not in MASS_MODES:
-        raise ParameterError("--mass", f"must be 'dark' or 'bright', not {mass!r}")
+        raise ParameterError("mass", f"must be 'dark' or 'bright', not {mass!r}")
     if weights is not None and weight_property is not None:
-        raise ParameterError("--weight-property", "give either --weights or --weight-property, not both")
+        raise ParameterError("weight_property", "give either --weights or --weight-property, not both")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         _check_file(path)

@@ -278,9 +278,9 @@ def test_refusals_are_parameter_errors():
         geomreg.divergence(x.expand(2, -1, -1), y.expand(2, -1, -1), backend="multiscale")
     with pytest.raises(ParameterError, match="dimensions up to 3"):
         geomreg.divergence(torch.rand(20, 4), torch.rand(20, 4), backend="multiscale")
-    with pytest.raises(ParameterError, match="--truncate"):
+    with pytest.raises(ParameterError, match="truncate"):
         geomreg.divergence(x, y, backend="multiscale", truncate=-1.0)
-    with pytest.raises(ParameterError, match="--cluster-scale"):
+    with pytest.raises(ParameterError, match="cluster_scale"):
         geomreg.divergence(x, y, backend="multiscale", cluster_scale=0.0)
     with pytest.raises(ParameterError, match="multiscale backend only"):
         geomreg.divergence(x, y, backend="tensorized", truncate=3.0)

@@ -321,10 +321,10 @@ def test_formula_cost_changes_the_value_and_is_validated():
     quadratic = geomreg.divergence(x, y, backend="tensorized", tol=1e-8).value.item()
     assert quartic > 0 and abs(quartic / quadratic - 1) > 0.1
     for kwargs, where in [
-        (dict(cost="SqDist(X,"), "--cost"),
-        (dict(cost="SqDist(X,Y)", backend="tensorized"), "--cost"),
-        (dict(cost="SqDist(X,Y)", loss="energy"), "--cost"),
-        (dict(cost="  "), "--cost"),
+        (dict(cost="SqDist(X,"), "cost"),
+        (dict(cost="SqDist(X,Y)", backend="tensorized"), "cost"),
+        (dict(cost="SqDist(X,Y)", loss="energy"), "cost"),
+        (dict(cost="  "), "cost"),
     ]:
         with pytest.raises(geomreg.ParameterError) as err:
             geomreg.divergence(x, y, **kwargs)

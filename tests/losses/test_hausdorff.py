@@ -71,5 +71,5 @@ def test_zero_for_equal_measures_and_positive_otherwise():
 
 def test_reach_is_refused():
     x, a, y, b = clouds()
-    with pytest.raises(geomreg.ParameterError, match="--reach"):
+    with pytest.raises(geomreg.ParameterError, match="reach"):
         geomreg.divergence(x, y, loss="hausdorff", reach=0.5)

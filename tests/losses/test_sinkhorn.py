@@ -196,7 +196,7 @@ def test_degenerate_inputs_give_defined_answers():
     x, a, y, b = weighted_clouds()
     close_to_one = geomreg.divergence(x, y, a=a, b=b, scaling=0.99, tol=math.inf)
     assert close_to_one.n_iter > 100 and math.isfinite(close_to_one.value.item())
-    with pytest.raises(ParameterError, match="--max-iter"):
+    with pytest.raises(ParameterError, match="max_iter"):
         geomreg.divergence(x, y, scaling=0.9999, max_iter=1000)
 
 
@@ -268,3 +268,135 @@ def test_real_scans_match_geomloss_and_converge(shared_data):
     default = geomreg.divergence(src, tgt, dtype="float64")
     assert default.converged and converged.converged
     assert default.value.item() == pytest.approx(converged.value.item(), rel=1e-2)
+
+
+# -- unbalanced divergence of Séjourné et al. 2019 -------------------------------------------
+
+def _ot(x, a, y, b, **kw):
+    return geomreg.divergence(x, y, a=a, b=b, debias=False, normalize=False, **kw).value.item()
+
+
+@pytest.mark.parametrize("m_a, m_b", [(1.0, 1.5), (2000.0, 3.5), (0.3, 0.3)])
+def test_unbalanced_divergence_is_the_sejourne_combination(m_a, m_b):
+    # S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 + (eps/2)(m_a - m_b)^2, each OT_eps checked
+    # against its primal objective by test_unbalanced_value_is_the_primal_objective_...
+    x, a, y, b = weighted_clouds(n=40, m=30)
+    a, b = a * m_a, b * m_b
+    kw = dict(reach=0.3, blur=0.1, tol=1e-12, max_iter=20000)
+    s = geomreg.divergence(x, y, a=a, b=b, normalize=False, **kw).value.item()
+    eps = 0.1**2
+    ref = _ot(x, a, y, b, **kw) - 0.5 * _ot(x, a, x, a, **kw) - 0.5 * _ot(y, b, y, b, **kw) \
+        + eps / 2 * (m_a - m_b) ** 2
+    assert s == pytest.approx(ref, rel=1e-9, abs=1e-12 * max(m_a, m_b) ** 2)
+    assert s > 0
+
+
+def test_unbalanced_unequal_masses_equal_geomloss_formula():
+    x, a, y, b = weighted_clouds(n=50, m=40)
+    a, b = 2.0 * a, 0.7 * b
+    ours = geomreg.divergence(x, y, a=a, b=b, reach=0.4, blur=0.1, normalize=False, tol=math.inf)
+    theirs = geomloss.SamplesLoss("sinkhorn", reach=0.4, blur=0.1, backend="tensorized")(a, x, b, y)
+    assert ours.value.item() == pytest.approx(theirs.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["tensorized", "multiscale"])
+def test_unbalanced_positive_and_exactly_zero_on_the_diagonal(backend):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(300, 3, generator=g)
+    a = torch.rand(300, generator=g) + 0.5
+    a = a / a.sum()
+    kw = dict(reach=0.3, blur=0.05, normalize=False, backend=backend)
+    assert geomreg.divergence(x, x, a=a, b=a, **kw).value.item() == 0.0  # float32, tol 1e-3
+    for scale in (1.5, 0.5, 1e-3, 1e3):  # alpha against a multiple of itself
+        assert geomreg.divergence(x, x, a=a, b=scale * a, **kw).value.item() > 0
+    y = torch.rand(200, 3, generator=g) + 0.1
+    b = torch.full((200,), 3.5 / 200)
+    assert geomreg.divergence(x, y, a=2000 * a, b=b, **kw).value.item() > 0
+
+
+def test_balanced_divergence_of_a_measure_to_itself_is_exactly_zero():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(400, 3, generator=g)
+    r = geomreg.divergence(x, x, blur=0.02)  # a small blur: the converge phase runs long
+    assert r.value.item() == 0.0
+    assert r.converged
+
+
+# -- certified error bound ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("p, debias", [(2, True), (1, True), (2, False)])
+def test_error_bound_covers_the_true_error(p, debias):
+    x, a, y, b = weighted_clouds(n=200, m=150)
+    ref = geomreg.divergence(x, y, a=a, b=b, p=p, blur=0.05, debias=debias, tol=1e-11,
+                             max_iter=50000).value.item()
+    previous = math.inf
+    for tol in (1e-1, 1e-2, 1e-3, 1e-4):
+        r = geomreg.divergence(x, y, a=a, b=b, p=p, blur=0.05, debias=debias, tol=tol)
+        assert r.error_bound is not None
+        assert abs(r.value.item() - ref) <= r.error_bound
+        assert r.error_bound < previous  # tighter as the tolerance shrinks
+        previous = r.error_bound
+    assert previous < 1e-3 * abs(ref) * 50  # not vacuous at tol 1e-4
+    assert r.to_dict()["error_bound"] == r.error_bound
+
+
+def test_error_bound_is_none_where_it_is_not_certified():
+    x, a, y, b = weighted_clouds()
+    assert geomreg.divergence(x, y, a=a, b=b, tol=math.inf).error_bound is None
+    assert geomreg.divergence(x, y, a=a, b=b, reach=0.5).error_bound is None
+    assert geomreg.divergence(x, y, a=a, b=b, loss="energy").error_bound is None
+
+
+# -- warm starts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["tensorized", "multiscale"])
+def test_warm_start_skips_the_schedule(backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(500, 3, generator=g)
+    y = torch.rand(400, 3, generator=g) + 0.2
+    kw = dict(blur=0.05, backend=backend, tol=1e-4)
+    cold = geomreg.divergence(x, y, **kw)
+    again = geomreg.divergence(x, y, init=cold, **kw)
+    assert again.n_iter <= 3
+    assert again.value.item() == pytest.approx(cold.value.item(), rel=1e-3)
+    assert all(s.phase in ("converge", "final") for s in again.schedule)
+    # points that moved (a step of a gradient flow): the same value, converged
+    moved = x + 0.05 * geomreg.divergence(x, y, field=True, **kw).field
+    cold_moved = geomreg.divergence(moved, y, **kw)
+    warm_moved = geomreg.divergence(moved, y, init=cold, **kw)
+    assert warm_moved.converged
+    assert abs(warm_moved.value.item() - cold_moved.value.item()) <= cold_moved.error_bound
+
+
+def test_warm_start_gradients_match_cold():
+    x, a, y, b = weighted_clouds(n=30, m=25)
+    kw = dict(a=a, b=b, blur=0.2, tol=1e-12, max_iter=20000)
+    cold = geomreg.divergence(x, y, **kw)
+    x1 = x.clone().requires_grad_(True)
+    warm = geomreg.divergence(x1, y, init=cold, **kw)
+    (g_warm,) = torch.autograd.grad(warm.value, x1)
+    x2 = x.clone().requires_grad_(True)
+    (g_cold,) = torch.autograd.grad(geomreg.divergence(x2, y, **kw).value, x2)
+    assert torch.allclose(g_warm, g_cold, rtol=1e-8, atol=1e-12)
+
+
+def test_warm_start_rejects_mismatched_potentials():
+    x, a, y, b = weighted_clouds(n=30, m=25)
+    r = geomreg.divergence(x, y, a=a, b=b)
+    with pytest.raises(ParameterError, match="init"):
+        geomreg.divergence(x[:20], y, a=a[:20] / a[:20].sum(), b=b, init=r)
+    with pytest.raises(ParameterError, match="init"):
+        geomreg.divergence(x, y, a=a, b=b, init=geomreg.divergence(x, y, a=a, b=b, debias=False))
+    with pytest.raises(ParameterError, match="init"):
+        geomreg.divergence(x, y, a=a, b=b, loss="energy", init=r)
+    with pytest.raises(ParameterError, match="init"):
+        geomreg.divergence(x, y, a=a, b=b, init=(1, 2))
+
+
+def test_library_errors_name_parameters_not_flags():
+    x, a, y, b = weighted_clouds()
+    for kwargs, where in [(dict(blur=-1.0), "blur"), (dict(max_iter=2), "max_iter"),
+                          (dict(b=0.5 * b, normalize=False), "normalize"), (dict(scaling=2.0), "scaling")]:
+        with pytest.raises(geomreg.GeomregError) as err:
+            geomreg.divergence(x, y, **{"a": a, "b": b, **kwargs})
+        assert err.value.where == where
