@@ -64,61 +64,59 @@ def marginal_error(
     return diff.sum(-1) / w64.sum(-1)
 
 
-class Overrelaxation:
-    r"""Adaptive over-relaxation weight :math:`\omega` of the converge phase.
+class Anderson:
+    r"""Anderson mixing (type II) of the fixed-point iteration :math:`g \mapsto G(g)`.
 
-    Alternating Sinkhorn updates converge linearly; once their rate :math:`r` (ratio of
-    successive marginal errors) is steady, the over-relaxed iteration
-    :math:`f \leftarrow f + \omega (T(g) - f)` with the SOR weight
-    :math:`\omega = 2 / (1 + \sqrt{1 - r})` contracts at about :math:`\omega - 1` per sweep
-    instead of :math:`r` (Young's SOR theory; Thibault et al. 2017, "Overrelaxed
-    Sinkhorn-Knopp"). The weight is only switched on after ``warmup`` plain sweeps with a
-    steady rate, and reset to 1 (with a lower cap) if the error grows tenfold (far from
-    the fixed point the linear theory does not hold).
+    With the last iterates :math:`G(g_k)` and residuals :math:`r_k = G(g_k) - g_k`, the next
+    iterate is :math:`G(g_k) - \sum_l \gamma_l \Delta G_l`, where :math:`\gamma` minimises
+    :math:`\|r_k - \sum_l \gamma_l \Delta r_l\|` over the differences of successive
+    residuals (Anderson 1965; Walker and Ni 2011); one small least-squares problem per
+    batch item, in float64, with a relative ridge. The history is dropped (a plain step,
+    then mixing again) when the error grows tenfold over the best one seen, or when the
+    mixed iterate is not finite.
+
+    Measured in the converge phase (2000 uniform points against 2000 shifted by 0.2, float32,
+    tol 1e-3), iterations in all against the adaptive over-relaxation it replaced: 43 -> 28
+    at blur 0.05, 116 -> 63 at 0.02, 176 -> 164 at 0.01; reach 0.3: 32 -> 25 and 80 -> 61;
+    p = 1, blur 0.05: 21 -> 18. Memories of 5 and 10 did the same. One case is slower: 600
+    against 500 points in float64 at blur 0.01, p = 2, no shift (344 against 254).
     """
 
-    #: error growth over the best error seen since the weight was set that means divergence;
-    #: over-relaxed Sinkhorn has transient growth of a few times at small epsilon, which must
-    #: not count (on 600 x 500 points at blur 0.01, a threshold of 2 instead of 10 took 1877
-    #: iterations instead of 358)
+    MEMORY = 5
     GROWTH = 10.0
-    # The cap omega_max = 1.95 was chosen on 600 x 500 uniform clouds: iterations to tol 1e-3
-    # at blur 0.01 were 358 / 426 / 125 (balanced, balanced shifted, reach 0.3) with a cap of
-    # 1.9, 220 / 213 / 153 with 1.95 and 303 / 213 / 223 with 1.98; 44 and 19 at blur
-    # 0.05 and 0.1 whatever the cap.
+    RIDGE = 1e-8
 
-    def __init__(self, warmup: int = 4, omega_max: float = 1.95):
-        self.omega = 1.0
-        self.warmup, self.omega_max = warmup, omega_max
-        self.errors: list[float] = []
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.residuals: list[torch.Tensor] = []
         self.best = math.inf
 
-    def observe(self, error: float) -> None:
-        """Record the marginal error of the last sweep and adapt the weight."""
-        if self.omega > 1.0:
-            self.best = min(self.best, error)
-            if error > self.GROWTH * self.best or not math.isfinite(error):
-                # diverging: back off, and allow only a milder weight from now on
-                self.omega_max = 1.0 + 0.5 * (self.omega - 1.0)
-                self.omega, self.errors, self.best = 1.0, [], math.inf
-                return
-        self.errors.append(error)
-        if len(self.errors) <= self.warmup:
-            return
-        e = self.errors[-4:]
-        ratios = [e[k + 1] / e[k] for k in range(3) if e[k] > 0]
-        if len(ratios) < 3 or not all(0 < q < 1 for q in ratios):
-            return
-        if max(ratios) - min(ratios) > 0.05:
-            return  # not steady yet
-        rate, w = sum(ratios) / 3, self.omega
-        # Plain-Sinkhorn rate r implied by the observed rate of the w-relaxed iteration:
-        # (rate + w - 1)^2 = rate * w^2 * r  (w = 1 gives r = rate).
-        r = min((rate + w - 1.0) ** 2 / (rate * w * w), 0.9999)
-        better = min(self.omega_max, 2.0 / (1.0 + math.sqrt(1.0 - r)))
-        if better > w + 0.01:
-            self.omega, self.errors = better, []
-            self.best = error
+    def step(self, g: torch.Tensor, g_next: torch.Tensor, error: float) -> torch.Tensor:
+        """The next iterate from ``g (B, M)``, its image ``g_next = G(g)`` and its error."""
+        if error > self.GROWTH * self.best or not math.isfinite(error):
+            self._reset()
+        self.best = min(self.best, error)
+        self.values.append(g_next.double())
+        self.residuals.append((g_next - g).double())
+        if len(self.values) > self.MEMORY + 1:
+            self.values.pop(0)
+            self.residuals.pop(0)
+        if len(self.values) < 2:
+            return g_next
+        res, val = torch.stack(self.residuals, -1), torch.stack(self.values, -1)  # (B, M, m)
+        d_res, d_val = res.diff(dim=-1), val.diff(dim=-1)
+        gram = d_res.transpose(1, 2) @ d_res
+        ridge = self.RIDGE * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        gamma = torch.linalg.solve(gram + ridge[:, None, None] * eye, d_res.transpose(1, 2) @ res[..., -1:])
+        mixed = val[..., -1] - (d_val @ gamma)[..., 0]
+        if not torch.isfinite(mixed).all():
+            self._reset()
+            return g_next
+        return mixed.to(g_next.dtype)
 
 
 #: the pair on whose rows lives the potential that each update reads: f_ba (rows of xy) is
@@ -348,29 +346,27 @@ class _Run:
     def converge(self, duals: Duals, eps: float, max_iter: int, same: bool) -> Duals:
         """Iterate at the final eps until every marginal error is <= tol (or ``max_iter``).
 
-        The (a, b) problem: over-relaxed alternating updates, f <- f + w (T(g) - f), then
-        g <- g + w (T(f) - g); since T(g) is known when T(f) is computed, both marginal
-        errors of the state (f, g) are measured exactly. The symmetric problems: averaged
-        updates (they contract at a rate of 1/2 or better), frozen once they meet tol. When
-        ``same`` (alpha is beta), the (a, b) problem is the (a, a) one.
+        The (a, b) problem: Sinkhorn's map on the column potential, g -> T(f) with f = T(g),
+        accelerated by :class:`Anderson` mixing. The state (f, g) has f = T(g): its row
+        marginal is exact, and the error measured is that of its columns. The symmetric
+        problems: averaged updates (they contract at a rate of 1/2 or better), frozen once
+        they meet tol. When ``same`` (alpha is beta), the (a, b) problem is the (a, a) one.
         """
         if self.tol == math.inf:
             return duals
         self.pairs = self.levels.truncate(self.level, self.pairs, duals, eps)  # potentials moved
         err_sym = dict.fromkeys(self.keys[2:], math.inf)
         err_ab = 0.0 if same else math.inf
-        relax = Overrelaxation()
+        mixer, g = Anderson(), duals.yx
         while self.n_iter + 1 < max_iter:  # the final step counts too
             self.n_iter += 1
             changes = []
             if not same:
-                w = relax.omega
-                ft = self.update("xy", duals, eps)
-                f = duals.xy + w * (ft - duals.xy)
-                changes.append((duals.xy, f))
+                f = self.update("xy", duals._replace(yx=g), eps)
                 gt = self.update("yx", duals._replace(xy=f), eps)
-                err_ab = max(self.error("xy", f, ft, eps), self.error("yx", duals.yx, gt, eps))
-                duals = duals._replace(xy=f)
+                err_ab = self.error("yx", g, gt, eps)
+                changes += [(duals.xy, f), (duals.yx, g)]
+                duals = duals._replace(xy=f, yx=g)
             for k, e in err_sym.items():  # averaged updates, skipped once they meet tol
                 if e <= self.tol:
                     continue
@@ -384,11 +380,23 @@ class _Run:
                 duals = duals._replace(xy=duals.xx, yx=duals.yy)
             self.log("converge", eps, _change(*changes) if changes else 0.0, err)
             if err <= self.tol:
-                break  # keep g: (f, g) is the state whose errors were measured
+                break  # (f, g) is the state whose errors were measured
             if not same:
-                duals = duals._replace(yx=duals.yx + w * (gt - duals.yx))
-                relax.observe(err_ab)
-        return duals
+                g = mixer.step(g, gt, err_ab)
+        return duals if same or self.rho is not None else self.gauge(duals)
+
+    def gauge(self, duals: Duals) -> Duals:
+        r"""The balanced (a, b) potentials, shifted so that :math:`\langle a, f\rangle = \langle b, g\rangle`.
+
+        Balanced potentials are defined up to :math:`(f + c, g - c)`: the plan, the value and
+        every marginal error are the same. Which constant an accelerated iteration ends on
+        depends on its path (two backends, or two tolerances, would return potentials and
+        weight gradients apart by a constant); fixing the gauge makes them comparable.
+        :math:`T(g - c) = T(g) + c`, so the state keeps f = T(g).
+        """
+        a, b = self.w
+        c = (_dot(b, duals.yx) - _dot(a, duals.xy)) / (a.sum(-1) + b.sum(-1))
+        return duals._replace(xy=duals.xy + c[:, None], yx=duals.yx - c[:, None])
 
     def final(self, duals: Duals, eps: float) -> Duals:
         """One parallel update with autograd on and detached inputs (envelope-theorem gradients)."""
