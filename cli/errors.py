@@ -111,16 +111,15 @@ def uninterrupted():
             raise exc
 
 
-#: the library's parameter names that an error can blame, and the flag each one is on the
-#: command line when that is not ``--`` + the name with dashes
-_PARAMETERS = {
-    "apply": None, "backend": None, "blur": None, "cluster_scale": None, "cost": None,
-    "device": None, "diameter": None, "dtype": None, "field": None, "fits": None, "init": None,
-    "levels": None, "loss": None, "lr": None, "mass": None, "max_iter": None, "model": None,
-    "normalize": "--keep-mass", "p": None, "plot": None, "reach": None, "scaling": None,
-    "seed": None, "steps": None, "tol": None, "top_k": None, "truncate": None, "voxel": None,
-    "weight_property": None,
-}
+#: the library's parameter names that an error can blame (their flag is ``--`` + the name
+#: with dashes), and the ones whose flag is another
+_PARAMETERS = frozenset({
+    "apply", "backend", "blur", "cluster_scale", "cost", "device", "diameter", "dtype", "field",
+    "fits", "init", "levels", "loss", "lr", "mass", "max_iter", "model", "normalize", "p",
+    "plot", "reach", "scaling", "seed", "steps", "tol", "top_k", "truncate", "voxel",
+    "weight_property",
+})
+_OTHER_FLAGS = {"normalize": "--keep-mass"}
 
 
 def flag_of(where: str) -> str:
@@ -129,7 +128,7 @@ def flag_of(where: str) -> str:
     Anything else (a file name) comes back unchanged.
     """
     if where in _PARAMETERS:
-        return _PARAMETERS[where] or "--" + where.replace("_", "-")
+        return _OTHER_FLAGS.get(where, "--" + where.replace("_", "-"))
     return where
 
 

@@ -109,8 +109,9 @@ def divergence(
         init: sinkhorn: a warm start, an earlier :class:`DivergenceResult` (or its
             ``duals``) of a problem with as many points and the same blur, p, reach and
             debias, e.g. the previous step of a gradient flow. The epsilon schedule is
-            skipped: the iterations start at the final temperature from its potentials, so
-            a problem that moved a little costs a few iterations instead of a schedule.
+            skipped: the iterations start at the final temperature from its potentials. The
+            same problem again costs a few iterations; points that moved along the field
+            by 5% took 29 instead of 44 (blur 0.05), by 20% about as many as a cold start.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to

@@ -332,7 +332,7 @@ class _Run:
             errors = [self.error(k, getattr(duals, k), new[k], eps) for k in self.keys]
             averaged = Duals(**{k: 0.5 * (getattr(duals, k) + new[k]) for k in self.keys})
             phase = "schedule" if self.level == self.levels.finest else "coarse"
-            self.log(phase, eps, _change(duals, averaged), max(errors))
+            self.log(phase, eps, _change(*self.changes(duals, averaged)), max(errors))
             duals = averaged
         return duals
 
@@ -376,8 +376,6 @@ class _Run:
                     changes.append((getattr(duals, k), 0.5 * (getattr(duals, k) + new)))
                     duals = duals._replace(**{k: changes[-1][1]})
             err = max([err_ab, *err_sym.values()])
-            if same:
-                duals = duals._replace(xy=duals.xx, yx=duals.yy)
             self.log("converge", eps, _change(*changes) if changes else 0.0, err)
             if err <= self.tol:
                 break  # (f, g) is the state whose errors were measured
@@ -404,16 +402,17 @@ class _Run:
         final = Duals(**{k: self.update(k, duals, eps, detach=True) for k in self.keys})
         with torch.no_grad():
             errors = [self.error(k, getattr(duals, k), getattr(final, k), eps) for k in self.keys]
-            pairs = [(getattr(duals, k), getattr(final, k)) for k in self.keys]
             self.final_error = max(errors)
-            self.log("final", eps, _change(*pairs), self.final_error)
+            self.log("final", eps, _change(*self.changes(duals, final)), self.final_error)
         return final
+
+    def changes(self, old: Duals, new: Duals) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(old, new) for every potential of the run."""
+        return [(getattr(old, k), getattr(new, k)) for k in self.keys]
 
 
 def _change(*pairs) -> float:
-    """Largest absolute change between the old and new tensors of each pair, or of two Duals."""
-    if len(pairs) == 2 and isinstance(pairs[0], Duals):
-        pairs = [(o, n) for o, n in zip(pairs[0], pairs[1], strict=True) if o is not None]
+    """Largest absolute change between the old and new tensors of each pair."""
     return max(float((new.detach() - old.detach()).abs().max()) for old, new in pairs)
 
 
@@ -455,7 +454,7 @@ def error_bound(run: _Run, duals: Duals, final: Duals, values: torch.Tensor, c_m
         for key in ("xy", "xx", "yy") if len(run.keys) == 4 else ("xy",):
             col = _SOURCE[key]  # the problem's column potential
             f_hat, g = getattr(final, key).detach(), getattr(duals, col)
-            g_next = run.update(col, Duals(**{**dict.fromkeys(("xy", "yx", "xx", "yy")), key: f_hat}), eps)
+            g_next = run.update(col, Duals(None, None)._replace(**{key: f_hat}), eps)
             mu, nu = run.w[_ROWS[key]].double(), run.w[_ROWS[col]].double()
             spread = (nu * torch.exp((g.double() - g_next.double()) / eps) - nu).abs().sum(-1)
             support = nu > 0
