@@ -22,6 +22,7 @@ import torch
 from .api import divergence
 from .errors import ParameterError
 from .results import DivergenceResult
+from .timing import Stopwatch
 from .transport import _points
 
 
@@ -266,10 +267,19 @@ def flow(
 MODELS = ("rigid", "similarity", "affine", "rigid+flow")
 #: during register's coarse levels the reach is at least this many blurs
 REACH_PER_BLUR = 3.0
+#: a transport level ends once a fit moves no point by more than this many blurs
+FIT_STOP = 0.05
 #: the transport stage runs on clouds resampled to about this many points (``voxel`` unset)
 COARSE_POINTS = 500
 #: the surface stage's Tukey cut-offs go from this many blurs down to ``SURFACE_TO`` blurs
 SURFACE_FROM, SURFACE_TO = 4.0, 0.5
+#: the surface stage screens every start (``SCREEN_ITERATIONS`` per scale, ``SCREEN_POINTS``
+#: source points), refines the best ``SURFACE_KEEP`` on ``REFINE_POINTS`` and polishes the
+#: winner at the finest scale on ``POLISH_POINTS`` (all of them when the source has fewer)
+SCREEN_POINTS, SCREEN_ITERATIONS, SURFACE_KEEP = 500, 6, 2
+#: a runner-up is refined too only when its screened overlap is at least this share of the best
+SURFACE_CLOSE = 0.75
+REFINE_POINTS, POLISH_POINTS = 2000, 10000
 
 
 @dataclass(frozen=True)
@@ -295,6 +305,9 @@ class RegisterResult:
         voxel: the side of the cubes the transport stage resampled the clouds to, or None.
         flow: ``rigid+flow``: the gradient flow that moved ``T . x`` on to ``registered``
             (:func:`flow`); else None.
+        time_s: compute time of the call, seconds.
+        times: seconds per stage: ``voxel`` (resampling), ``transport``, ``surface`` and
+            ``final`` (the divergence at the chosen pose); ``flow`` for ``rigid+flow``.
     """
 
     matrix: torch.Tensor
@@ -308,13 +321,15 @@ class RegisterResult:
     overlap: list[float]
     voxel: float | None
     flow: FlowResult | None = None
+    time_s: float = 0.0
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
         out = {"model": self.model, "matrix": self.matrix.tolist(), "value": self.value,
                "transported": self.transported, "start": self.start, "n_fits": self.n_fits,
                "values_per_start": self.values, "overlap_per_start": self.overlap,
-               "voxel": self.voxel}
+               "voxel": self.voxel, "time_s": self.time_s, "times": dict(self.times)}
         if self.flow is not None:
             f = self.flow.to_dict()
             keep = ("loss_initial", "loss_final", "n_steps", "stopped", "trajectory")
@@ -368,6 +383,7 @@ def register(
     """
     from .measure import Measure
 
+    clock = Stopwatch()
     if model == "rigid+flow":
         rigid = register(x, y, model="rigid", blur=blur, reach=reach, levels=levels, fits=fits,
                          starts=starts, voxel=voxel, surface=surface, **kwargs)
@@ -377,9 +393,12 @@ def register(
         options = {k: v for k, v in kwargs.items() if k != "tol"}
         if "tol" in kwargs:  # the Sinkhorn tolerance (flow's own tol is its stopping rule)
             options["sinkhorn_tol"] = kwargs["tol"]
-        moved = flow(rigid.registered, y, a=a, blur=blur, reach=reach, **{**options, **(flow_options or {})})
+        with clock("flow"):
+            moved = flow(rigid.registered, y, a=a, blur=blur, reach=reach,
+                         **{**options, **(flow_options or {})})
         return dataclasses.replace(rigid, registered=moved.points.detach().cpu().double(), model=model,
-                                   flow=moved, value=moved.steps[-1].loss)
+                                   flow=moved, value=moved.steps[-1].loss, time_s=clock.elapsed,
+                                   times={**rigid.times, **clock.times})
 
     if model not in MODELS:
         raise ParameterError("model", f"one of {', '.join(MODELS)}, not {model!r}")
@@ -404,78 +423,196 @@ def register(
     xs, ys = x_full, y_full
     if voxel is not None and not (voxel > 0 and math.isfinite(voxel)):
         raise ParameterError("voxel", f"must be a positive length, got {voxel}")
-    if voxel is None and surface and max(len(x_full), len(y_full)) > COARSE_POINTS:
-        voxel = _side_for(torch.cat([x_full, y_full]), COARSE_POINTS)
-    if voxel is not None:
-        xs, a = _voxel_means(x_full, a, voxel)
-        ys, b = _voxel_means(y_full, b, voxel)
+    with clock("voxel"):
+        if voxel is None and surface and max(len(x_full), len(y_full)) > COARSE_POINTS:
+            voxel = _side_for(torch.cat([x_full, y_full]), COARSE_POINTS)
+        if voxel is not None:
+            xs, a = _voxel_means(x_full, a, voxel)
+            ys, b = _voxel_means(y_full, b, voxel)
     n, d = xs.shape
     wa = torch.full((n,), 1.0 / n, dtype=torch.float64) if a is None else torch.as_tensor(
         np.asarray(a, float))
     wb = None if b is None else torch.as_tensor(np.asarray(b, float))
     wa = wa / wa.sum()
     kw = dict(kwargs, a=wa, b=wb)
-    ca, cb = _centroid(xs, wa), _centroid(ys, wb)
     span = float(torch.cat([xs, ys]).amax(0).sub(torch.cat([xs, ys]).amin(0)).norm())
     blurs = np.geomspace(max(span / 4, blur), blur, levels).tolist()
     scale0 = 1.0
     if model != "rigid":
         scale0 = math.sqrt(_spread(ys, wb) / max(_spread(xs, wa), 1e-300))
-    poses, values, n_fits = [], [], 0
     rotations = _starts(xs, wa, ys, wb) if starts == "auto" else [torch.eye(d, dtype=xs.dtype)]
-    for rot in rotations:
-        lin = scale0 * rot
-        t = cb - lin @ ca
-        for sigma in blurs:
-            for _ in range(fits):
-                z = xs @ lin.T + t
-                # at a coarse blur a reach below it would drop everything: it grows with the blur
-                level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
-                r = divergence(z, ys, blur=sigma, reach=level_reach, field=True, **kw)
-                lin, t = _fit(model, xs, z + r.field.to(z), r.plan.row_mass().to(z))
-                n_fits += 1
-        poses.append((lin, t))
-        values.append(divergence(xs @ lin.T + t, ys, blur=blur, reach=reach, **kw).value.item())
+    with clock("transport"):
+        poses, values, n_fits = _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur,
+                                                 reach, kw)
     overlaps: list[float] = []
     if surface:
-        from . import surface as surf
-
-        scales = np.geomspace(SURFACE_FROM * blur, SURFACE_TO * blur, 5).tolist()
-        refined = []
-        for lin, t in poses:
-            lin, t, iters = surf.refine(x_full, y_full, lin, t, scales, model, a_full)
-            n_fits += iters
-            refined.append((lin, t))
-            overlaps.append(surf.overlap(x_full @ lin.T + t, y_full, blur, a_full))
-        poses = refined
-        k = int(np.argmax(overlaps))
+        with clock("surface"):
+            poses, overlaps, k, iters = _surface_stage(x_full, y_full, a_full, poses, model, blur, xs)
+        n_fits += iters
     else:
         k = int(np.argmin(values))
     lin, t = poses[k]
-    final = divergence(xs @ lin.T + t, ys, blur=blur, reach=reach, field=True, **kw)
+    with clock("final"):
+        final = divergence(xs @ lin.T + t, ys, blur=blur, reach=reach, field=True, **kw)
     share = float(final.plan.row_mass().sum() / wa.sum())
     matrix = torch.eye(d + 1, dtype=torch.float64)
     matrix[:d, :d], matrix[:d, d] = lin, t
     return RegisterResult(matrix, x_full @ lin.T + t, final.value.item(), share, k, n_fits, values,
-                          model, overlaps, voxel)
+                          model, overlaps, voxel, time_s=clock.elapsed, times=clock.times)
+
+
+def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach, kw):
+    """From each start, ``fits`` transform fits per blur of ``blurs``: the poses, values, fits run.
+
+    Within a level each fit starts from the previous fit's potentials (``init``) and the level
+    ends early once a fit moves no point by more than ``FIT_STOP`` blurs. A start whose pose,
+    at the end of a level, is within ``FIT_STOP`` blurs of another start's pose at the same
+    level follows that start's path from there: it gets its pose and value without running.
+    """
+    ca, cb = _centroid(xs, kw["a"]), _centroid(ys, kw["b"])
+    poses, values, n_fits = [], [], 0
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per start: the pose after each level
+    for rot in rotations:
+        lin = scale0 * rot
+        t = cb - lin @ ca
+        path, twin = [], None
+        for level, sigma in enumerate(blurs):
+            r = None  # within a level each fit starts from the previous fit's potentials
+            # at a coarse blur a reach below it would drop everything: it grows with the blur
+            level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
+            for _ in range(fits):
+                z = xs @ lin.T + t
+                r = divergence(z, ys, blur=sigma, reach=level_reach, field=True, init=r, **kw)
+                lin, t = _fit(model, xs, z + r.field.to(z), r.plan.row_mass().to(z))
+                n_fits += 1
+                if float((xs @ lin.T + t - z).norm(dim=1).max()) < FIT_STOP * sigma:
+                    break
+            path.append((lin, t))
+            twin = next((i for i, other in enumerate(seen)  # (a twin's own path ends early)
+                         if len(other) > level and _apart(xs, other[level], (lin, t)) < FIT_STOP * sigma),
+                        None)
+            if twin is not None:
+                break
+        seen.append(path)
+        if twin is not None:
+            poses.append(poses[twin])
+            values.append(values[twin])
+            continue
+        poses.append((lin, t))
+        values.append(divergence(xs @ lin.T + t, ys, blur=blur, reach=reach, **kw).value.item())
+    return poses, values, n_fits
+
+
+def _apart(xs, pose, other) -> float:
+    """The largest distance between the images of the points ``xs`` by two poses."""
+    return float((xs @ (pose[0] - other[0]).T + (pose[1] - other[1])).norm(dim=1).max())
+
+
+def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
+    """Screen every distinct pose, refine the best ``SURFACE_KEEP`` fully, polish the winner.
+
+    Screening: a short refinement (``SCREEN_ITERATIONS`` per scale) on ``SCREEN_POINTS`` of
+    the source, then the overlap; a start whose transport pose was within half a blur of an
+    earlier one shares that one's result. The best ones (at most ``SURFACE_KEEP``, each with
+    at least ``SURFACE_CLOSE`` of the best overlap) are then refined to convergence on
+    ``REFINE_POINTS`` and the one with the largest overlap wins; it is polished at the finest
+    scale on ``POLISH_POINTS``. Returns the poses (one per start), their overlaps, the
+    winner's index and the iterations run.
+    """
+    from . import surface as surf
+
+    scales = np.geomspace(SURFACE_FROM * blur, SURFACE_TO * blur, 5).tolist()
+    target, source = surf.Target(y_full), surf.Target(x_full)
+
+    def part(count):  # a subsample of the source (points, weights, neighbour means in the scan)
+        rows = _subset(len(x_full), count)  # and as many target rows, for the backward pairs
+        sub = x_full[rows]
+        return (sub, None if a_full is None else a_full[rows], surf.neighbour_means(source.index, sub),
+                _subset(len(y_full), count))
+
+    def run(pose, scales, part, both=True, **options):
+        x, a, centres, back = part
+        return surf.refine(x, target, *pose, scales, model, a, centres, source=source,
+                           back=back if both else None, **options)
+
+    def score(pose):
+        return surf.overlap(x_full @ pose[0].T + pose[1], target, blur, a_full, queries=REFINE_POINTS)
+
+    screen, refine = part(SCREEN_POINTS), part(REFINE_POINTS)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    overlaps: list[float] = []
+    firsts: list[int] = []  # the starts screened (the others are their twins)
+    iters = 0
+    for lin, t in poses:
+        twin = next((i for i in firsts if _apart(xs, poses[i], (lin, t)) < 0.5 * blur), None)
+        if twin is not None:  # the same basin: the same refinement
+            out.append(out[twin])
+            overlaps.append(overlaps[twin])
+            continue
+        lin, t, n = run((lin, t), scales, screen, both=False, iterations=SCREEN_ITERATIONS)
+        iters += n
+        firsts.append(len(out))
+        out.append((lin, t))
+        overlaps.append(score((lin, t)))
+    top = max(overlaps[i] for i in firsts)
+    best = [i for i in sorted(firsts, key=lambda i: -overlaps[i])[:SURFACE_KEEP]
+            if overlaps[i] >= SURFACE_CLOSE * top]
+    for i in best:
+        lin, t, n = run(out[i], scales, refine)
+        iters += n
+        for j in range(len(out)):  # the start and its twins
+            if out[j] is out[i] and j != i:
+                out[j] = (lin, t)
+        out[i] = (lin, t)
+        overlaps[i] = score(out[i])
+        for j in range(len(out)):
+            if out[j] is out[i]:
+                overlaps[j] = overlaps[i]
+    k = max(best, key=lambda i: overlaps[i])
+    if len(x_full) > len(refine[0]):  # the winner, on more of the source at the finest scale
+        lin, t, n = run(out[k], scales[-1:], part(POLISH_POINTS))
+        iters += n
+        out[k] = (lin, t)
+    return out, overlaps, k, iters
+
+
+def _subset(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` row indices of ``n``, drawn without replacement by a fixed seed, in order."""
+    if n <= k:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
 
 
 def _side_for(points: torch.Tensor, count: int) -> float:
-    """The side of the cubes that resample ``points`` to about ``count`` occupied cubes."""
+    """The side of the cubes that resample ``points`` to about ``count`` occupied cubes (within 10%)."""
     lo, hi = 1e-6, float((points.amax(0) - points.amin(0)).max()) + 1e-12
-    for _ in range(20):  # bisection on a log scale: the count falls as the side grows
+    for _ in range(30):  # bisection on a log scale: the count falls as the side grows
         mid = math.sqrt(lo * hi)
-        cells = torch.unique(torch.floor(points / mid).to(torch.int64), dim=0).shape[0]
+        cells = int(_cells(points, mid).unique().numel())
+        if count / 1.1 <= cells <= count:
+            return mid
         lo, hi = (mid, hi) if cells > count else (lo, mid)
     return hi
+
+
+def _cells(p: torch.Tensor, side: float) -> torch.Tensor:
+    """One integer per point naming its cube of ``side`` (equal for points in the same cube)."""
+    cells = torch.floor(p / side).to(torch.int64)
+    cells = cells - cells.amin(0)
+    span = cells.amax(0) + 1
+    if float(torch.prod(span.double())) >= 2.0**62:  # too many cubes to number: one row per cube
+        return torch.unique(cells, dim=0, return_inverse=True)[1]
+    key = cells[:, 0]
+    for k in range(1, p.shape[1]):
+        key = key * span[k] + cells[:, k]
+    return key
 
 
 def _voxel_means(p: torch.Tensor, w: Any, side: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One point per occupied cube of ``side``: the weighted mean of its points, with their mass."""
     weights = torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=p.dtype) if w is None else \
         torch.as_tensor(np.asarray(w, dtype=np.float64))
-    cells = torch.floor(p / side).to(torch.int64)
-    _, inverse = torch.unique(cells, dim=0, return_inverse=True)
+    _, inverse = torch.unique(_cells(p, side), return_inverse=True)
     k = int(inverse.max()) + 1
     mass = torch.zeros(k, dtype=p.dtype).index_add_(0, inverse, weights)
     sums = torch.zeros(k, p.shape[1], dtype=p.dtype).index_add_(0, inverse, p * weights[:, None])
