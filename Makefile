@@ -29,6 +29,7 @@ test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]" || echo "small_gicp did not install: bench_register skips it"
 	$(PY) bench/bench_dense.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_grid.py

@@ -8,12 +8,17 @@ of 1; blur 0.05 is then 5% of the size.
 
 Per pair: the Sinkhorn divergence S (blur 0.05, float64) before; after ``geomreg.match``
 (one transport map) and after ``geomreg.flow`` (its defaults: lr 0.2, at most 50 steps,
-stop below 0.1% decrease); the symmetric chamfer distance (mean distance of each point to
-the other cloud, both ways, averaged; a number that does not come from the loss); and the
-wall time of each call. One run each: these are quality figures, not timings to compare.
-With ``--plots``, the flow of the fish is drawn to ``<out>/nonrigid_fish_flow.png``.
+stop below 0.1% decrease) and after the same flow run cold (``warm_start=False``: every
+step solved from the top of the epsilon schedule and differentiated by autograd, as earlier
+versions did; skipped with ``--no-cold``), one after the other in this process; the
+symmetric chamfer distance (mean distance of each point to the other cloud, both ways,
+averaged; a number that does not come from the loss); and the wall time of each call, one
+run each. ``--dtype`` (default float64) is the precision of match and the flows; every S is
+computed in float64. With ``--plots``, the flow of the fish is drawn to
+``<out>/nonrigid_fish_flow.png``.
 
-Usage: python bench/bench_nonrigid.py [--quick] [--bunny-points N] [--plots] [--out bench/results]
+Usage: python bench/bench_nonrigid.py [--quick] [--bunny-points N] [--dtype float32|float64]
+[--no-cold] [--plots] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def chamfer(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def divergence(x: Any, y: np.ndarray) -> float:
+    """The Sinkhorn divergence in float64 (every S of the table, whatever ``--dtype``)."""
     return geomreg.divergence(x, y, blur=BLUR, dtype="float64").value.item()
 
 
@@ -67,7 +73,7 @@ def run_pair(name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) 
     row: dict[str, Any] = {"pair": name, "points": [len(x), len(y)], "dim": x.shape[1],
                            "S_before": divergence(x, y), "chamfer_before": chamfer(x, y)}
     t0 = time.perf_counter()
-    m = geomreg.match(x, y, blur=BLUR, dtype="float64")
+    m = geomreg.match(x, y, blur=BLUR, dtype=args.dtype)
     row["match_s"] = time.perf_counter() - t0
     moved = m.registered.detach().cpu().double().numpy()
     row["S_match"], row["chamfer_match"] = divergence(moved, y), chamfer(moved, y)
@@ -77,11 +83,18 @@ def run_pair(name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) 
         snapshots.append((step.index, points.detach().cpu().double().numpy().copy()))
 
     t0 = time.perf_counter()
-    f = geomreg.flow(x, y, blur=BLUR, dtype="float64", on_step=keep)
+    f = geomreg.flow(x, y, blur=BLUR, dtype=args.dtype, on_step=keep)
     row["flow_s"] = time.perf_counter() - t0
     end = f.points.detach().cpu().double().numpy()
-    row.update(S_flow=f.steps[-1].loss, chamfer_flow=chamfer(end, y), flow_steps=len(f.steps) - 1,
-               flow_stopped=f.stopped)
+    row.update(S_flow=divergence(end, y), chamfer_flow=chamfer(end, y), flow_steps=len(f.steps) - 1,
+               flow_stopped=f.stopped, flow_iterations=sum(s.n_iter for s in f.steps),
+               flow_warm_steps=None)
+    if not args.no_cold:  # the same flow as earlier versions ran it: cold solves, autograd
+        t0 = time.perf_counter()
+        c = geomreg.flow(x, y, blur=BLUR, dtype=args.dtype, warm_start=False)
+        row["cold_s"] = time.perf_counter() - t0
+        row.update(S_cold=divergence(c.points.detach().cpu().double().numpy(), y),
+                   cold_steps=len(c.steps) - 1, cold_iterations=sum(s.n_iter for s in c.steps))
     if args.plots and x.shape[1] == 2:
         from geomreg.plots import plot_flow
 
@@ -89,13 +102,16 @@ def run_pair(name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) 
         plot_flow(path, snapshots, y)
         row["plot"] = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
     log(f"{name}: S {row['S_before']:.3g} -> match {row['S_match']:.3g} ({fmt_s(row['match_s'])}), "
-        f"flow {row['S_flow']:.3g} in {row['flow_steps']} steps ({fmt_s(row['flow_s'])})")
+        f"flow {row['S_flow']:.4g} in {row['flow_steps']} steps ({fmt_s(row['flow_s'])})"
+        + ("" if "cold_s" not in row else f"; cold flow {row['S_cold']:.4g} in {row['cold_steps']} steps "
+           f"({fmt_s(row['cold_s'])})"))
     return row
 
 
 def run(args: argparse.Namespace, device: torch.device, json_path: Path, md_path: Path) -> dict:
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(device), "versions": versions(), "blur": BLUR,
+                              "dtype": args.dtype,
                               "load_start": loadavg(), "rows": []}
     points = {"fish": None, "bunny": 2000 if args.quick else args.bunny_points}
     for name in PAIRS:
@@ -109,18 +125,30 @@ def run(args: argparse.Namespace, device: torch.device, json_path: Path, md_path
 
 def render(report: dict) -> str:
     head = ["pair", "points", "S before", "S after match", "S after flow", "chamfer before",
-            "after match", "after flow", "match time", "flow time (steps)"]
+            "after match", "after flow", "match time", "flow time (steps, iterations)",
+            "cold flow: S after, time (steps, iterations)", "cold / flow time"]
+
+    def cold(r):
+        if "cold_s" not in r:
+            return ["", ""]
+        return [f"{r['S_cold']:.4g}, {fmt_s(r['cold_s'])} ({r['cold_steps']}, {r['cold_iterations']})",
+                f"{r['cold_s'] / r['flow_s']:.1f}"]
+
     rows = [[r["pair"], f"{r['points'][0]} / {r['points'][1]} ({r['dim']}-D)", f"{r['S_before']:.3g}",
-             f"{r['S_match']:.3g}", f"{r['S_flow']:.3g}", f"{r['chamfer_before']:.4f}",
+             f"{r['S_match']:.3g}", f"{r['S_flow']:.4g}", f"{r['chamfer_before']:.4f}",
              f"{r['chamfer_match']:.4f}", f"{r['chamfer_flow']:.4f}", fmt_s(r["match_s"]),
-             f"{fmt_s(r['flow_s'])} ({r['flow_steps']}, {r['flow_stopped']})"] for r in report["rows"]]
+             f"{fmt_s(r['flow_s'])} ({r['flow_steps']}, {r['flow_iterations']})"] + cold(r)
+            for r in report["rows"]]
     m = report["machine"]
     return "\n".join([
         "# Non-rigid registration: geomreg match and flow on probreg's pairs", "",
         f"- machine: {m.get('cpu_count')} CPUs, torch {report['versions'].get('torch')}; load average "
         f"{report['load_start']} at the start, {report['load_end']} at the end",
         f"- both clouds of a pair scaled as one to a bounding-box diagonal of 1; Sinkhorn blur {BLUR}, "
-        "float64; flow with its defaults; chamfer = mean distance to the other cloud, both ways",
+        f"match and flow in {report['dtype']}, every S in float64; flow with its defaults (transport-"
+        "field steps, warm starts while they pay); cold flow = `warm_start=False` (every step solved "
+        "from the top of the epsilon schedule and differentiated, as earlier versions did), run "
+        "after it in the same process; chamfer = mean distance to the other cloud, both ways",
         "", md_table(head, rows), ""])
 
 
@@ -133,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                   help="precision of match and flow (every S of the table is float64)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold flow (warm_start=False)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,9 @@ the same ``dispatch`` as ``geomreg`` itself with ``--json``; its stdout is its r
 RESULTS gets one JSON line per job, appended and flushed as each finishes (a killed batch
 leaves a valid file): ``id``, ``line``, ``command``, ``status`` (``ok`` when the command
 exits 0, else ``error``), ``exit_code``, ``result`` (the command's JSON object, when it
-printed one), ``error`` (its one-line message), ``time_s``, ``worker``, ``threads``,
+printed one), ``error`` (its one-line message), ``time_s`` (the job's wall time, reading
+and writing included), ``compute_s`` (the command's own ``time_s``: its computation alone;
+null when it printed none), ``worker``, ``threads``,
 ``seed`` (the job's ``--seed``: its row's, else batch's ``--seed``) and ``versions``. Running
 the same batch again skips the jobs RESULTS already has; ``--retry-failed`` runs the failed
 ones again.
@@ -73,7 +75,9 @@ def run_job(job: Job, threads: int, seed: int) -> dict[str, Any]:
         "id": job.id, "line": job.line, "command": job.command,
         "status": "ok" if code == EXIT_OK else "error", "exit_code": code, "result": result,
         "error": None if code == EXIT_OK else (errors[-1] if errors else f"exit code {code}"),
-        "time_s": elapsed, "worker": f"{socket.gethostname()}:{os.getpid()}", "threads": threads,
+        "time_s": elapsed,
+        "compute_s": result.get("time_s") if isinstance(result, dict) else None,
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "threads": threads,
         "seed": seed, "versions": versions(),
     }
 
@@ -228,7 +232,7 @@ def _run(jobs: list[Job], out: Path, scheduler: str | None, workers: int, thread
                 except Exception as exc:  # noqa: BLE001 (the worker died too often, ...)
                     record = {"id": job.id, "line": job.line, "command": job.command, "status": "error",
                               "exit_code": None, "result": None, "error": f"{type(exc).__name__}: {exc}",
-                              "time_s": None, "worker": None, "threads": threads,
+                              "time_s": None, "compute_s": None, "worker": None, "threads": threads,
                               "seed": job_seed(job, seed)}
                 with uninterrupted():  # a record is one whole line
                     fh.write(dumps(record) + "\n")

@@ -30,6 +30,15 @@ def flow(
         typer.Option(help="Write the displacement of each point of A, end minus start, as .npy: (N, D); "
                      "(H, W, 2) for an image (x right, y up; NaN on pixels without mass)."),
     ] = None,
+    apply: Annotated[
+        Path | None,
+        typer.Option(help="Other points (any point format; e.g. the full-resolution scan when A is a "
+                     "subsample of it) carried by the same flow: each step moves them by lr times the "
+                     "transport field at their positions. Balanced sinkhorn, --p 2; needs --apply-out."),
+    ] = None,
+    apply_out: Annotated[
+        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out).")
+    ] = None,
     loss: o.Loss = "sinkhorn",
     lr: Annotated[float, typer.Option(help="Step size: x <- x - lr * grad L / a_i (N * grad for "
                                       "uniform weights).")] = 0.2,
@@ -58,8 +67,11 @@ def flow(
     scaling: o.Scaling = defaults.SCALING,
     debias: o.Debias = True,
     sinkhorn_tol: Annotated[
-        float, typer.Option(help="Marginal-error tolerance of each Sinkhorn evaluation (distance's --tol).")
-    ] = defaults.TOL,
+        float | None,
+        typer.Option(help="Marginal-error tolerance of each Sinkhorn evaluation (distance's --tol); "
+                     "default 1e-4 in float32, 1e-5 in float64 (warm-started steps need more than "
+                     "distance's 1e-3 for their losses to decrease smoothly).", show_default=False),
+    ] = None,
     max_iter: o.MaxIter = defaults.MAX_ITER,
     backend: o.Backend = "auto",
     device: o.Device = "auto",
@@ -88,7 +100,8 @@ def flow(
         from geomreg.io.writers import POINT_SUFFIXES
         from geomreg.params import check_params
 
-        check_params(loss, p, blur, reach, scaling, sinkhorn_tol, max_iter, diameter)
+        check_params(loss, p, blur, reach, scaling, defaults.TOL if sinkhorn_tol is None else sinkhorn_tol,
+                     max_iter, diameter)
         if every < 1:
             raise ParameterError("--every", f"must be >= 1, got {every}")
         if frame_format not in POINT_SUFFIXES:
@@ -96,14 +109,19 @@ def flow(
                                  f"one of {', '.join(POINT_SUFFIXES)}, not {frame_format!r}")
         if frames is not None and not frames.is_dir():
             raise OutputError(str(frames), "--frames must be an existing folder")
-        inputs = [a, b] + [f for f in (weights_a, weights_b) if f is not None]
-        outputs = [f for f in (out, field, log, plot) if f is not None]
+        if (apply is None) != (apply_out is None):
+            raise ParameterError("--apply-out" if apply is not None else "--apply",
+                                 "--apply and --apply-out go together")
+        inputs = [a, b] + [f for f in (weights_a, weights_b, apply) if f is not None]
+        outputs = [f for f in (out, field, log, plot, apply_out) if f is not None]
         if len({Path(f).resolve() for f in outputs}) < len(outputs):
             raise ParameterError("--out", "two outputs name the same file")
         for f in outputs:
             check_output(f, protect=inputs)
         if out.suffix.lower() != ".png":
             points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+        if apply_out is not None:
+            points_writer(apply_out, [[0.0]])
         if field is not None and field.suffix.lower() != ".npy":
             raise ParameterError("--field", f"written as .npy, not {field.suffix or field.name!r}")
         if plot is not None:
@@ -120,6 +138,9 @@ def flow(
             from geomreg.plots import check_dimension
 
             check_dimension(mu.dim)
+        other = read_measure(apply) if apply is not None else None
+        if other is not None and other.dim != mu.dim:
+            raise ParameterError("--apply", f"{apply}: {other.dim}-D points, A is {mu.dim}-D")
         from geomreg.registration import flow as run_flow
 
         rerun = seeded(ctx, seed)
@@ -130,11 +151,13 @@ def flow(
                 mu, nu, lr=lr, steps=steps, tol=tol, on_step=on_step, loss=loss, p=p, blur=blur,
                 reach=reach, diameter=diameter, scaling=scaling, debias=debias, sinkhorn_tol=sinkhorn_tol,
                 max_iter=max_iter, backend=backend, device=device, dtype=dtype, normalize=not keep_mass,
+                apply=other,
             )
         last = result.steps[-1].index
         if frames is not None and last % every and last != steps:  # the final frame, once
             on_step(result.steps[-1], result.points)
-        _write(result, mu, nu if images else None, out=out, field=field, log=log, protect=inputs)
+        _write(result, mu, nu if images else None, out=out, field=field, log=log, protect=inputs,
+               apply_out=apply_out, other=other)
         if plot is not None:
             snapshots[last] = result.points.detach().cpu().double().numpy()
             with uninterrupted():
@@ -144,7 +167,7 @@ def flow(
         print_data(dumps(record) if json_out else repr(result.steps[-1].loss))
         if not result.last.converged:
             warn(f"the last Sinkhorn evaluation did not converge (marginal error "
-                 f"{result.last.marginal_error:.3g} > --sinkhorn-tol {sinkhorn_tol:g})")
+                 f"{result.last.marginal_error:.3g} > --sinkhorn-tol {result.last.params['tol']:g})")
             raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
@@ -182,7 +205,7 @@ def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
     return on_step, (bar if bar is not None else contextlib.nullcontext())
 
 
-def _write(result, mu, images_of, *, out, field, log, protect) -> None:
+def _write(result, mu, images_of, *, out, field, log, protect, apply_out=None, other=None) -> None:
     """All requested files together, atomically; ``images_of``: B when both inputs are images."""
     from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
 
@@ -196,6 +219,9 @@ def _write(result, mu, images_of, *, out, field, log, protect) -> None:
         jobs = [(out, points_writer(out, end, mu.weights))]
     if field is not None:
         jobs.append((field, npy_writer(per_pixel(mu, end - mu.points))))
+    if apply_out is not None:
+        jobs.append((apply_out, points_writer(apply_out, result.applied.detach().cpu().double().numpy(),
+                                              other.weights)))
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
     with uninterrupted():

@@ -109,10 +109,13 @@ def register(
             ran.update(backend=r.backend, backend_reason=r.backend_reason, device=r.device,
                        dtype=r.dtype, versions=r.versions)
 
+        # --tol when given (rigid+flow: the flow's too); else each stage's own default
+        default = getattr(ctx.get_parameter_source("tol"), "name", None) == "DEFAULT"
+        given_tol = {} if default else {"tol": tol}
         with status_line("register") as on_step:
             result = run_register(mu, nu, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
                                   voxel=voxel, surface=surface,
-                                  p=p, tol=tol, backend=backend, device=device, dtype="float64",
+                                  p=p, backend=backend, device=device, dtype="float64", **given_tol,
                                   normalize=not keep_mass, on_step=on_step, on_result=on_result)
         t4 = _homogeneous_4x4(result.matrix.numpy())
         jobs = []

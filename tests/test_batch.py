@@ -109,6 +109,10 @@ def test_local_pool_runs_every_job_records_failures_and_resumes(folder):
     assert rec["raises"]["exit_code"] == 2 and "--blur" in rec["raises"]["error"]
     assert rec["sink"]["threads"] == 1 and rec["sink"]["versions"]["geomreg"]
     assert (folder / "moved.npy").exists() and rec["match"]["result"]["field_norm_mean"] > 0
+    # compute time: the command's own, within the job's wall time; none for a job that failed
+    match = rec["match"]
+    assert 0 < match["compute_s"] == match["result"]["time_s"] <= match["time_s"]
+    assert set(match["result"]["times"]) == {"transport"} and rec["missing"]["compute_s"] is None
     # the same value as the single command
     single = invoke("distance", folder / "a.npy", folder / "b.npy", "--blur", "0.05", "--json")
     assert rec["sink"]["result"]["value"] == pytest.approx(json.loads(single.stdout)["value"], rel=1e-6)
@@ -207,5 +211,6 @@ def test_separate_scheduler_and_worker_and_a_killed_worker(folder, cluster):
     assert batch.returncode == 0, err
     record = results(out)["long"]
     assert record["status"] == "ok" and record["result"]["n_steps"] == 15
+    assert 0 < record["compute_s"] == record["result"]["time_s"] <= record["time_s"]
     assert not record["worker"].endswith(f":{killed}")
     assert np.load(folder / "end.npy").shape == (1500, 3)

@@ -424,7 +424,9 @@ def test_register_rigid_then_flow_explains_what_a_rotation_cannot(tmp_path):
     rigid = geomreg.register(x, y, dtype="float64")
     both = geomreg.register(x, y, model="rigid+flow", dtype="float64")
     np.testing.assert_allclose(both.matrix.numpy(), rigid.matrix.numpy())
-    start = geomreg.divergence(rigid.registered, y, dtype="float64").value.item()
+    from geomreg.registration import WARM_TOL  # the flow's Sinkhorn tolerance (float64)
+
+    start = geomreg.divergence(rigid.registered, y, dtype="float64", tol=WARM_TOL[1]).value.item()
     assert both.flow is not None and both.flow.steps[0].loss == pytest.approx(start, rel=1e-6)
     assert both.value == both.flow.steps[-1].loss < 0.3 * start
     assert not torch.allclose(both.registered, rigid.registered)
@@ -437,3 +439,97 @@ def test_register_rigid_then_flow_explains_what_a_rotation_cannot(tmp_path):
     record = json.loads(result.stdout)
     assert record["model"] == "rigid+flow" and record["flow"]["loss_final"] < record["flow"]["loss_initial"]
     np.testing.assert_allclose(np.load(tmp_path / "reg.npy"), both.registered.numpy(), atol=1e-9)
+
+
+# ----- warm starts, carried points, compute times (registration speed)
+
+
+def test_warm_started_flow_follows_the_cold_flow():
+    x, y = ellipses(200, 180)
+    kw = dict(blur=0.03, dtype="float64", backend="tensorized", steps=20, tol=0)
+    cold = geomreg.flow(x, y, warm_start=False, sinkhorn_tol=1e-5, **kw)
+    assert set(cold.times) == {"loss", "gradient"}
+    for mode in (True, "auto"):
+        warm = geomreg.flow(x, y, warm_start=mode, sinkhorn_tol=1e-5, **kw)
+        assert torch.allclose(warm.points, cold.points, atol=1e-5)
+        assert warm.steps[-1].loss == pytest.approx(cold.steps[-1].loss, rel=1e-3)
+        assert set(warm.times) == {"loss"} and 0 < warm.times["loss"] <= warm.time_s
+    # here warm starts cost more than the schedule: "auto" falls back to cold solves
+    always = geomreg.flow(x, y, warm_start=True, sinkhorn_tol=1e-5, **kw)
+    assert sum(s.n_iter for s in warm.steps) < sum(s.n_iter for s in always.steps)
+    assert warm.to_dict()["time_s"] == warm.time_s
+    # p = 1 and reach: autograd steps, still warm-started, the same points as cold ones
+    for extra in (dict(p=1), dict(reach=0.3)):
+        w = geomreg.flow(x, y, warm_start=True, sinkhorn_tol=1e-5, **{**kw, "steps": 5}, **extra)
+        c = geomreg.flow(x, y, warm_start=False, sinkhorn_tol=1e-5, **{**kw, "steps": 5}, **extra)
+        assert "gradient" in w.times and torch.allclose(w.points, c.points, atol=1e-5)
+
+
+def test_flow_carries_other_points_along_its_field():
+    x, y = ellipses(120, 100)
+    kw = dict(blur=0.05, dtype="float64", backend="tensorized", steps=8, tol=0)
+    r = geomreg.flow(x, y, apply=x[:30], **kw)
+    # the source's own points, carried, end where the flow puts them
+    np.testing.assert_allclose(r.applied.numpy(), r.points[:30].numpy(), atol=1e-9)
+    assert r.to_dict()["n_applied"] == 30 and "apply" in r.times
+    other = np.array([[0.5, 0.5], [0.9, 0.2]])
+    moved = geomreg.flow(x, y, apply=other, **kw).applied
+    assert moved.shape == (2, 2) and not np.allclose(moved.numpy(), other)
+    with pytest.raises(ParameterError, match="apply"):
+        geomreg.flow(x, y, apply=other, reach=0.2, **kw)
+    with pytest.raises(geomreg.errors.InputError, match="apply"):
+        geomreg.flow(x, y, apply=np.zeros((3, 3)), **kw)
+
+
+def test_cli_flow_apply_writes_the_carried_points_and_times(tmp_path):
+    x, y = ellipses(80, 70)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", y)
+    np.save(tmp_path / "other.npy", x[:10])
+    base = ["flow", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "end.npy",
+            "--steps", "3", "--tol", "0", "--dtype", "float64", "--backend", "tensorized"]
+    ok = runner.invoke(app, [str(s) for s in base + ["--apply", tmp_path / "other.npy", "--apply-out",
+                                                     tmp_path / "moved.txt", "--json"]])
+    assert ok.exit_code == 0, ok.stderr
+    record = json.loads(ok.stdout)
+    assert record["n_applied"] == 10 and record["time_s"] > 0 and "loss" in record["times"]
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "moved.txt"), np.load(tmp_path / "end.npy")[:10],
+                               atol=1e-6)
+    alone = runner.invoke(app, [str(s) for s in base + ["--apply", tmp_path / "other.npy"]])
+    assert alone.exit_code == 2 and "--apply" in alone.stderr
+    (tmp_path / "end.npy").unlink()
+    bad = runner.invoke(app, [str(s) for s in base + ["--apply", tmp_path / "other.npy", "--apply-out",
+                                                      tmp_path / "m.npy", "--reach", "0.2"]])
+    assert bad.exit_code == 2 and "apply" in bad.stderr and not (tmp_path / "end.npy").exists()
+
+
+def test_match_and_register_report_their_stage_times():
+    x, y = ellipses(100, 90)
+    m = geomreg.match(x, y, blur=0.05, apply=x[:5], top_k=2, evaluate_after=True, backend="tensorized")
+    assert set(m.times) == {"transport", "apply", "matches", "after"}
+    assert sum(m.times.values()) <= m.time_s and m.to_dict()["time_s"] == m.time_s
+    r = geomreg.register(_bumpy(600, 4), _bumpy(600, 5), dtype="float64")
+    assert set(r.times) == {"voxel", "transport", "surface", "final"}
+    assert 0 < sum(r.times.values()) <= r.time_s == r.to_dict()["time_s"]
+
+
+STANFORD = Path(__file__).resolve().parents[2] / "shared" / "data" / "clouds" / "stanford"
+
+
+@pytest.mark.parametrize("turn", [0.0, 150.0])
+def test_register_real_partial_scans_from_any_turn(turn):
+    """Two real Stanford range scans (about 70% overlap), the target turned by ``turn`` more."""
+    if not (STANFORD / "bun045.xyz").exists():
+        pytest.skip(f"no Stanford scans in {STANFORD}")
+    x, y = np.loadtxt(STANFORD / "bun045.xyz"), np.loadtxt(STANFORD / "bun000.xyz")
+    truth = np.loadtxt(STANFORD / "bun045_to_bun000.txt")
+    extra = np.eye(4)
+    extra[:3, :3] = _rotation(turn, [0.3, -1.0, 0.5])
+    truth = extra @ truth
+    y = y @ extra[:3, :3].T
+    diag = np.linalg.norm(y.max(0) - y.min(0))
+    r = geomreg.register(x, y, blur=0.05 * diag, dtype="float64")
+    m = r.matrix.numpy()
+    angle = np.rad2deg(np.arccos(np.clip((np.trace(m[:3, :3].T @ truth[:3, :3]) - 1) / 2, -1, 1)))
+    shift = np.linalg.norm((x @ m[:3, :3].T + m[:3, 3]) - (x @ truth[:3, :3].T + truth[:3, 3]), axis=1)
+    assert angle < 0.2 and shift.mean() < 0.002 * diag
