@@ -69,7 +69,7 @@ def flow(
     sinkhorn_tol: Annotated[
         float | None,
         typer.Option(help="Marginal-error tolerance of each Sinkhorn evaluation (distance's --tol); "
-                     "default 1e-4 in float32, 1e-5 in float64 (warm-started steps need more than "
+                     "default 1e-4 (warm-started steps need more than "
                      "distance's 1e-3 for their losses to decrease smoothly).", show_default=False),
     ] = None,
     max_iter: o.MaxIter = defaults.MAX_ITER,

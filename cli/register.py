@@ -73,7 +73,8 @@ def register(
     plan sends it to, weighted by the mass it sends, and solves the transform in closed form;
     blurs go coarse to fine from several starting orientations (the identity and the
     principal-axis alignments), on clouds resampled to about 500 points. A robust
-    point-to-plane refinement on the full clouds then makes it precise (--no-surface: skip it).
+    point-to-plane refinement against the whole of B then makes it precise: every start
+    screened, the best refined, the winner polished (--no-surface: skip it).
     stdout: the final divergence (or one JSON object with --json, with the matrix).
     """
     with handle_errors(debug):

@@ -243,13 +243,13 @@ def flow(
     solves every step from the top of the schedule and differentiates it, as earlier
     versions did.
 
-    Steps that may be warm converge to ``WARM_TOL`` (1e-4 in float32, 1e-5 in float64)
-    unless ``sinkhorn_tol`` says otherwise: warm values, each within its tolerance of the
-    truth but not all on the same side (cold solves, which all follow the same schedule,
-    err alike from step to step), zigzag by more than the decrease of a small loss (the
-    bunny pair at 1e-3: a rise at step 32, where the loss was 3e-6, stopped the flow). So a
-    warm step whose relative decrease is below ``tol`` ends the flow only if cold solves of
-    its points and the previous step's agree.
+    Steps that may be warm converge to ``WARM_TOL`` (1e-4) unless ``sinkhorn_tol`` says
+    otherwise: warm values, each within its tolerance of the truth but not all on the same
+    side (cold solves, which all follow the same schedule, err alike from step to step),
+    zigzag by more than the decrease of a small loss (the bunny pair at 1e-3: a rise at step
+    32, where the loss was 3e-6, stopped the flow). So a warm step whose relative decrease
+    is below ``tol`` ends the flow only if cold solves of its points and the previous
+    step's agree.
 
     Args:
         x, y: source and target (points or Measures), one pair.
@@ -303,7 +303,7 @@ def flow(
     if apply is not None:
         others = _points_of(apply, "apply", pts)
     if sinkhorn_tol is None and warm_start is not False and sinkhorn:
-        sinkhorn_tol = WARM_TOL[dtype == torch.float64]
+        sinkhorn_tol = WARM_TOL
     evaluate = dict(kwargs, a=w, **({} if sinkhorn_tol is None else {"tol": sinkhorn_tol}))
     if sinkhorn:
         evaluate["certify"] = False
@@ -374,8 +374,8 @@ def _points_of(points: Any, name: str, like: torch.Tensor) -> torch.Tensor:
     return z.to(like.dtype)
 
 
-#: the Sinkhorn tolerance of warm-started flow steps (see :func:`flow`): float32, float64
-WARM_TOL = (1e-4, 1e-4)
+#: the Sinkhorn tolerance of flow steps that may be warm-started (see :func:`flow`)
+WARM_TOL = 1e-4
 #: a flow whose warm starts stopped paying tries one again every this many steps
 WARM_RETRY = 5
 
@@ -487,12 +487,13 @@ def register(
     starts from several orientations (``starts="auto"``: the identity and the alignments of
     the principal axes, after matching the centroids).
 
-    **Surface** (``surface=True``, the default) makes it precise: from each start's pose, a
-    robust point-to-plane refinement on the full clouds (:mod:`geomreg.surface`), whose
-    distances do not depend on how either scan is sampled; the pose with the largest overlap
-    within ``blur`` wins. Without it, the lowest divergence wins. Transport alone is biased by
-    sampling: on the bunny it ended 0.4 to 6 degrees from the truth when started *at* the
-    truth (independent subsamples, a cropped target).
+    **Surface** (``surface=True``, the default) makes it precise: a robust point-to-plane
+    refinement against the whole target (:mod:`geomreg.surface`), whose distances do not
+    depend on how either scan is sampled: every distinct start screened on a subsample of
+    the source, the best one or two refined, the pose with the largest overlap within
+    ``blur`` polished (:func:`_surface_stage`). Without it, the lowest divergence wins.
+    Transport alone is biased by sampling: on the bunny it ended 0.4 to 6 degrees from the
+    truth when started *at* the truth (independent subsamples, a cropped target).
 
     ``voxel``: the transport stage runs on both clouds resampled to one point per cube of this
     side (the mean of its points, weighted by their mass). Unset, clouds of more than
