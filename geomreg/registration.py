@@ -243,13 +243,13 @@ def flow(
     solves every step from the top of the schedule and differentiates it, as earlier
     versions did.
 
-    Steps that may be warm converge to ``WARM_TOL`` (1e-4) unless ``sinkhorn_tol`` says
-    otherwise: warm values, each within its tolerance of the truth but not all on the same
-    side (cold solves, which all follow the same schedule, err alike from step to step),
-    zigzag by more than the decrease of a small loss (the bunny pair at 1e-3: a rise at step
-    32, where the loss was 3e-6, stopped the flow). So a warm step whose relative decrease
-    is below ``tol`` ends the flow only if cold solves of its points and the previous
-    step's agree.
+    Warm-started steps converge to ``WARM_TOL`` (1e-4; cold ones to divergence's default)
+    unless ``sinkhorn_tol`` says otherwise: warm values, each within its tolerance of the
+    truth but not all on the same side (cold solves, which all follow the same schedule,
+    err alike from step to step), zigzag by more than the decrease of a small loss (the
+    bunny pair at 1e-3: a rise at step 32, where the loss was 3e-6, stopped the flow). So a
+    warm step whose relative decrease is below ``tol`` ends the flow only if cold solves of
+    its points and the previous step's agree.
 
     Args:
         x, y: source and target (points or Measures), one pair.
@@ -257,8 +257,8 @@ def flow(
         steps: most steps.
         tol: stop when the relative decrease of the loss over a step is below ``tol``.
         on_step: called with each :class:`FlowStep` and the current points ``(N, D)``.
-        sinkhorn_tol: the ``tol`` of each Sinkhorn evaluation (default: ``WARM_TOL``, or
-            divergence's with ``warm_start=False``).
+        sinkhorn_tol: the ``tol`` of each Sinkhorn evaluation (default: ``WARM_TOL`` for
+            warm-started ones, divergence's for the others).
         apply: other points ``(K, D)`` (or a Measure) carried by the flow: each step moves
             them by ``lr`` times the transport field at their positions
             (:meth:`~geomreg.transport.TransportPlan.field_at`), the field that moves the
@@ -302,11 +302,11 @@ def flow(
     others = None
     if apply is not None:
         others = _points_of(apply, "apply", pts)
-    if sinkhorn_tol is None and warm_start is not False and sinkhorn:
-        sinkhorn_tol = WARM_TOL
     evaluate = dict(kwargs, a=w, **({} if sinkhorn_tol is None else {"tol": sinkhorn_tol}))
     if sinkhorn:
         evaluate["certify"] = False
+    # warm-started evaluations: WARM_TOL unless the caller set a tolerance (see above)
+    evaluate_warm = dict(evaluate, tol=WARM_TOL if sinkhorn_tol is None else sinkhorn_tol)
     log: list[FlowStep] = []
     stopped, result, before = "steps", None, None
     field_steps = by_field and warm_start is not False
@@ -315,10 +315,10 @@ def flow(
         warm = {"init": result} if _warm_now(warm_start, sinkhorn, result, iters, k) else {}
         with clock("loss"):
             if field_steps:
-                result = divergence(pts, y, field=True, **warm, **evaluate)
+                result = divergence(pts, y, field=True, **warm, **(evaluate_warm if warm else evaluate))
             else:
                 p = pts.detach().requires_grad_(True)
-                result = divergence(p, y, **warm, **evaluate)
+                result = divergence(p, y, **warm, **(evaluate_warm if warm else evaluate))
         iters["warm" if warm else "cold"] = result.n_iter
         loss = result.value.item()
         prev = log[-1].loss if log else None
