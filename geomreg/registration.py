@@ -238,7 +238,7 @@ def flow(
     epsilon schedule, iterations at the final temperature only). ``warm_start=True`` always
     does; ``"auto"`` (the default) does while the last warm start took fewer iterations than
     the last cold solve (see :func:`_warm_now`): the 8171-point bunny pair at blur 0.05 took
-    418 iterations over 50 steps against 689 cold (float32), but on two 2-D ellipses at blur
+    415 iterations over 50 steps against 689 cold (float32), but on two 2-D ellipses at blur
     0.03, whose steps move the points far, warm starts took 2249 against 997. ``warm_start=False``
     solves every step from the top of the schedule and differentiates it, as earlier
     versions did.
