@@ -606,7 +606,8 @@ def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach,
             level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
             for _ in range(fits):
                 z = xs @ lin.T + t
-                r = divergence(z, ys, blur=sigma, reach=level_reach, field=True, init=r, **kw)
+                r = divergence(z, ys, blur=sigma, reach=level_reach, field=True, init=r, certify=False,
+                               **kw)
                 lin, t = _fit(model, xs, z + r.field.to(z), r.plan.row_mass().to(z))
                 n_fits += 1
                 if float((xs @ lin.T + t - z).norm(dim=1).max()) < FIT_STOP * sigma:
