@@ -117,21 +117,33 @@ def make_case(bunny: np.ndarray, n: int, angle: float, variant: str, seed: int
     y = bunny[rng.choice(len(bunny), n, replace=False)]
     info: dict[str, Any] = {"angle_deg": angle, "variant": variant, "rotation": rot.tolist(),
                             "translation": shift.tolist(), "shift": float(np.linalg.norm(shift))}
-    if "crop" in variant:  # the points furthest along a random direction go
-        share = rng.uniform(*CROP)
-        order = np.argsort(y @ unit(rng))
-        y = y[order[: len(y) - round(share * len(y))]]
-        info["cropped_share"] = share
-    y = y @ rot.T + shift
+    y = crop(y, variant, rng, info) @ rot.T + shift
+    y = noise_and_outliers(y, variant, rng, NOISE, info)
+    info["points"] = [len(x), len(y)]
+    return x, y, info
+
+
+def crop(y: np.ndarray, variant: str, rng: np.random.Generator, info: dict[str, Any]) -> np.ndarray:
+    """With a crop in ``variant``: the points furthest along a random direction go (a share in CROP)."""
+    if "crop" not in variant:
+        return y
+    share = rng.uniform(*CROP)
+    order = np.argsort(y @ unit(rng))
+    info["cropped_share"] = share
+    return y[order[: len(y) - round(share * len(y))]]
+
+
+def noise_and_outliers(y: np.ndarray, variant: str, rng: np.random.Generator, sigma: float,
+                       info: dict[str, Any]) -> np.ndarray:
+    """Gaussian noise of ``sigma`` and OUTLIERS uniform in the bounding box, as ``variant`` says."""
     if "noise" in variant:
-        y = y + rng.normal(scale=NOISE, size=y.shape)
-        info["noise_sigma"] = NOISE
+        y = y + rng.normal(scale=sigma, size=y.shape)
+        info["noise_sigma"] = sigma
     if "outliers" in variant:
         k = round(OUTLIERS * len(y))
         y = np.concatenate([y, rng.uniform(y.min(0), y.max(0), size=(k, 3))])
         info["outliers"] = k
-    info["points"] = [len(x), len(y)]
-    return x, y, info
+    return y
 
 
 # -- methods -----------------------------------------------------------------------------
@@ -174,13 +186,13 @@ def run_icp(x: np.ndarray, y: np.ndarray, plane: bool) -> tuple[np.ndarray, dict
     return np.asarray(r.transformation), {"fitness": r.fitness, "inlier_rmse": r.inlier_rmse}
 
 
-def run_fgr(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """Open3D FGR on FPFH features of both clouds downsampled to voxels of ``voxel(N)``."""
+def run_fgr(x: np.ndarray, y: np.ndarray, seed: int, vox: float | None = None) -> tuple[np.ndarray, dict]:
+    """Open3D FGR on FPFH features of both clouds downsampled to voxels of ``vox`` (``voxel(N)``)."""
     import open3d as o3d
     from open3d.pipelines import registration as reg
 
     o3d.utility.random.seed(seed)
-    vox = voxel(len(x))
+    vox = voxel(len(x)) if vox is None else vox
     down = [o3d_cloud(p).voxel_down_sample(vox) for p in (x, y)]
     for d in down:
         d.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2 * vox, max_nn=30))
@@ -299,20 +311,11 @@ def load_stanford(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def run_fgr_icp(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
     """Open3D FGR on voxels of 2% of the size, then point-to-plane ICP on the full clouds."""
-    import open3d as o3d
     from open3d.pipelines import registration as reg
 
-    o3d.utility.random.seed(seed)
     vox = 0.02
-    down = [o3d_cloud(p).voxel_down_sample(vox) for p in (x, y)]
-    for d in down:
-        d.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2 * vox, max_nn=30))
-    feats = [reg.compute_fpfh_feature(d, o3d.geometry.KDTreeSearchParamHybrid(radius=5 * vox, max_nn=100))
-             for d in down]
-    coarse = reg.registration_fgr_based_on_feature_matching(
-        down[0], down[1], feats[0], feats[1],
-        reg.FastGlobalRegistrationOption(maximum_correspondence_distance=0.5 * vox))
-    fine = reg.registration_icp(o3d_cloud(x), o3d_cloud(y, 2 * vox), vox, coarse.transformation,
+    coarse, _ = run_fgr(x, y, seed, vox)
+    fine = reg.registration_icp(o3d_cloud(x), o3d_cloud(y, 2 * vox), vox, coarse,
                                 reg.TransformationEstimationPointToPlane(),
                                 reg.ICPConvergenceCriteria(max_iteration=30))
     return np.asarray(fine.transformation), {"fitness": fine.fitness, "inlier_rmse": fine.inlier_rmse}
@@ -327,18 +330,8 @@ def stanford_case(x: np.ndarray, y: np.ndarray, t0: np.ndarray, angle: float, va
     truth[:3, 3] = extra @ t0[:3, 3]
     y = y @ extra.T
     info: dict[str, Any] = {"angle_deg": angle, "variant": variant}
-    if "crop" in variant:
-        share = rng.uniform(*CROP)
-        order = np.argsort(y @ unit(rng))
-        y = y[order[: len(y) - round(share * len(y))]]
-        info["cropped_share"] = share
-    if "noise" in variant:
-        y = y + rng.normal(scale=NOISE / 4, size=y.shape)  # a quarter of the bunny cases' noise
-        info["noise_sigma"] = NOISE / 4
-    if "outliers" in variant:
-        k = round(OUTLIERS * len(y))
-        y = np.concatenate([y, rng.uniform(y.min(0), y.max(0), size=(k, 3))])
-        info["outliers"] = k
+    # a quarter of the bunny cases' noise
+    y = noise_and_outliers(crop(y, variant, rng, info), variant, rng, NOISE / 4, info)
     info["points"] = [len(x), len(y)]
     return y, truth, info
 

@@ -300,8 +300,8 @@ def flow(
         raise ParameterError("apply", "carries points along the transport field: balanced sinkhorn "
                              "with p = 2 only (no reach, no cost formula)")
     others = None
-    if apply is not None:
-        others = _points_of(apply, "apply", pts)
+    if apply is not None:  # input coordinates: no centre to remove
+        others = _points(apply, pts, "apply", torch.zeros(pts.shape[1], dtype=torch.float64))
     evaluate = dict(kwargs, a=w, **({} if sinkhorn_tol is None else {"tol": sinkhorn_tol}))
     if sinkhorn:
         evaluate["certify"] = False
@@ -357,21 +357,6 @@ def _warm_now(mode: bool | str, sinkhorn: bool, last: Any, iters: dict, k: int) 
     if mode is True or iters["warm"] is None or iters["cold"] is None:
         return True
     return iters["warm"] < iters["cold"] or k % WARM_RETRY == 0
-
-
-def _points_of(points: Any, name: str, like: torch.Tensor) -> torch.Tensor:
-    """``(K, D)`` float coordinates of ``points`` (array, tensor or Measure) in ``like``'s dtype."""
-    from .errors import InputError
-    from .measure import Measure
-
-    if isinstance(points, Measure):
-        points = points.points
-    z = points.detach() if isinstance(points, torch.Tensor) else torch.as_tensor(np.asarray(points))
-    if z.dim() != 2 or z.shape[1] != like.shape[1]:
-        raise InputError(name, f"expected (K, {like.shape[1]}) points, got shape {tuple(z.shape)}")
-    if not torch.isfinite(z).all():
-        raise InputError(name, "non-finite coordinate (NaN or inf)")
-    return z.to(like.dtype)
 
 
 #: the Sinkhorn tolerance of flow steps that may be warm-started (see :func:`flow`)
@@ -651,8 +636,7 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
 
     def part(count):  # a subsample of the source (points, weights, neighbour means in the scan)
         rows = _subset(len(x_full), count)  # and as many target rows, for the backward pairs
-        sub = x_full[rows]
-        return (sub, None if a_full is None else a_full[rows], surf.neighbour_means(source.index, sub),
+        return (x_full[rows], None if a_full is None else a_full[rows], source.planes(rows)[0],
                 _subset(len(y_full), count))
 
     def run(pose, scales, part, both=True, **options):
@@ -664,41 +648,31 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
         return surf.overlap(x_full @ pose[0].T + pose[1], target, blur, a_full, queries=REFINE_POINTS)
 
     screen, refine = part(SCREEN_POINTS), part(REFINE_POINTS)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    overlaps: list[float] = []
-    firsts: list[int] = []  # the starts screened (the others are their twins)
+    shares: list[int] = []  # per start: the screened start whose result it shares (itself if screened)
+    pose: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    score_of: dict[int, float] = {}
     iters = 0
-    for lin, t in poses:
-        twin = next((i for i in firsts if _apart(xs, poses[i], (lin, t)) < 0.5 * blur), None)
+    for j, (lin, t) in enumerate(poses):
+        twin = next((i for i in pose if _apart(xs, poses[i], (lin, t)) < 0.5 * blur), None)
+        shares.append(j if twin is None else twin)
         if twin is not None:  # the same basin: the same refinement
-            out.append(out[twin])
-            overlaps.append(overlaps[twin])
             continue
         lin, t, n = run((lin, t), scales, screen, both=False, iterations=SCREEN_ITERATIONS)
         iters += n
-        firsts.append(len(out))
-        out.append((lin, t))
-        overlaps.append(score((lin, t)))
-    top = max(overlaps[i] for i in firsts)
-    best = [i for i in sorted(firsts, key=lambda i: -overlaps[i])[:SURFACE_KEEP]
-            if overlaps[i] >= SURFACE_CLOSE * top]
+        pose[j], score_of[j] = (lin, t), score((lin, t))
+    top = max(score_of.values())
+    best = [i for i in sorted(score_of, key=lambda i: -score_of[i])[:SURFACE_KEEP]
+            if score_of[i] >= SURFACE_CLOSE * top]
     for i in best:
-        lin, t, n = run(out[i], scales, refine)
+        lin, t, n = run(pose[i], scales, refine)
         iters += n
-        for j in range(len(out)):  # the start and its twins
-            if out[j] is out[i] and j != i:
-                out[j] = (lin, t)
-        out[i] = (lin, t)
-        overlaps[i] = score(out[i])
-        for j in range(len(out)):
-            if out[j] is out[i]:
-                overlaps[j] = overlaps[i]
-    k = max(best, key=lambda i: overlaps[i])
+        pose[i], score_of[i] = (lin, t), score((lin, t))
+    k = max(best, key=lambda i: score_of[i])
     if len(x_full) > len(refine[0]):  # the winner, on more of the source at the finest scale
-        lin, t, n = run(out[k], scales[-1:], part(POLISH_POINTS))
+        lin, t, n = run(pose[k], scales[-1:], part(POLISH_POINTS))
         iters += n
-        out[k] = (lin, t)
-    return out, overlaps, k, iters
+        pose[k] = (lin, t)
+    return [pose[i] for i in shares], [score_of[i] for i in shares], k, iters
 
 
 def _subset(n: int, k: int) -> torch.Tensor:

@@ -51,7 +51,6 @@ class Index:
         import open3d as o3d
 
         self.points = points
-        self.dim = points.shape[1]
         self._search = o3d.core.nns.NearestNeighborSearch(o3d.core.Tensor(_pad(points)))
         self._search.knn_index()
 
@@ -76,20 +75,13 @@ def nearest(points: torch.Tensor, queries: torch.Tensor, k: int = 1) -> tuple[to
     return Index(points).query(queries, k)
 
 
-def neighbour_means(index: Index, queries: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """The mean of the ``k`` nearest indexed points of each query, ``(Q, D)``."""
-    idx, _ = index.query(queries, k or NORMAL_NEIGHBOURS)
-    return index.points[idx].mean(1)
-
-
-def tangent_planes(points: torch.Tensor, k: int | None = None,
-                   index: Index | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tangent_planes(points: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The plane fitted through each point's ``k`` nearest neighbours: ``(M, D)`` centres, unit normals.
 
     The centre is the neighbours' mean (which averages out the noise of a scan), the normal
     their direction of least variance.
     """
-    idx, _ = (index or Index(points)).query(points, k or NORMAL_NEIGHBOURS)
+    idx, _ = nearest(points, points, k or NORMAL_NEIGHBOURS)
     return _plane_fit(points[idx])
 
 
@@ -177,7 +169,8 @@ def refine(
         model: ``rigid``, ``similarity`` or ``affine`` (see :func:`geomreg.register`).
         a: ``(N,)`` source weights (uniform when None).
         centres: ``(N, D)`` the mean of each source point's neighbours in its own cloud (when
-            ``x`` is a subsample of a larger scan, the means in the scan); default: in ``x``.
+            ``x`` is a subsample of a larger scan, the means in the scan, e.g. the centres of
+            :meth:`Target.planes`); default: in ``x``.
         iterations: most iterations at each scale.
         source, back: the whole source scan prepared as a :class:`Target`, and rows of the
             target: each of those target points is also paired with the nearest moved source
@@ -192,10 +185,10 @@ def refine(
 
     d = x.shape[1]
     target = y if isinstance(y, Target) else Target(y)
-    y, planes = target.points, target.has_planes
+    y = target.points
     # the source is seen at the same scale: each point by its neighbours' mean (a curved
     # surface's means sit slightly inside it, the same on both sides; exact when x == y)
-    if not planes or x.shape[0] <= d:
+    if not target.has_planes or x.shape[0] <= d:
         xc = x
     else:
         xc = centres if centres is not None else tangent_planes(x)[0]
@@ -209,7 +202,7 @@ def refine(
             w = w0 * tukey(dist[:, 0] / s)
             if not float(w.sum()) > 0:
                 break
-            if not planes:  # points on a line, or too few for planes: point-to-point
+            if not target.has_planes:  # points on a line, or too few for planes: point-to-point
                 new_lin, new_t = _fit(model, x, y[j], w)
             else:
                 z_c, (q, n) = xc @ lin.T + t, target.planes(j)
@@ -241,8 +234,7 @@ def _backward_pairs(target: Target, rows: torch.Tensor, source: Target, lin: tor
     """Target rows paired with the moved source's planes, as :func:`_plane_step`'s arguments.
 
     Returns the moved source plane points, the target rows' centres, the moved normals and
-    the weights.
-    The target points are mapped back into the source's frame (the inverse transform), so that
+    the weights. The target points are mapped back into the source's frame (the inverse transform), so that
     the source's index, built once, serves every pose. Normals move by the inverse transpose.
     """
     yq = target.points[rows]
