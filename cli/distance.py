@@ -48,6 +48,9 @@ def distance(
     weight_property: o.WeightProperty = None,
     mass: o.Mass = "dark",
     as_image: o.AsImage = False,
+    sample: o.Sample = None,
+    weights: o.MeshWeights = None,
+    classes: o.Classes = None,
     keep_mass: o.KeepMass = False,
     verbose: o.Verbose = False,
     log: o.Log = None,
@@ -83,8 +86,10 @@ def distance(
     Two images (or two volumes) are solved on their pixel grids by the grid backend.
     """
     with handle_errors(debug):
-        from geomreg.io import check_output, read_measure
+        from geomreg.io import check_output
         from geomreg.params import check_params
+
+        from .inputs import read_pair
 
         check_params(loss, p, blur, reach, scaling, tol, max_iter, diameter)
         if field is not None and loss != "sinkhorn":
@@ -99,10 +104,9 @@ def distance(
             if out is not None:
                 check_output(out, protect=inputs)
 
-        mu = read_measure(a, weights=weights_a, weight_property=weight_property, mass=mass,
-                          as_image=as_image)
-        nu = read_measure(b, weights=weights_b, weight_property=weight_property, mass=mass,
-                          as_image=as_image)
+        mu, nu = read_pair(a, b, weights_a=weights_a, weights_b=weights_b, weight_property=weight_property,
+                           mass=mass, as_image=as_image, sample=sample, weights=weights, classes=classes,
+                           seed=seed)
         if potentials is not None:
             for m, side in ((mu, "a"), (nu, "b")):
                 if _is_image(m):

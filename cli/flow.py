@@ -22,7 +22,9 @@ def flow(
     out: Annotated[
         Path,
         typer.Option("--out", help="Write A at the end of the flow here: .ply (with A's weights as "
-                     "the vertex property 'weight'), .npy, .txt, .xyz or .csv. Two images: .png (A's "
+                     "the vertex property 'weight'), .npy, .txt, .xyz or .csv; a mesh A (read with its "
+                     "vertices) also .obj, .off, .stl, and .ply as a mesh, with A's faces; a LAS A .las or "
+                     ".laz (A's point records, x y z moved). Two images: .png (A's "
                      "density at the end, splatted onto B's pixels; dark is mass) or .npy (that density)."),
     ],
     field: Annotated[
@@ -37,7 +39,8 @@ def flow(
                      "transport field at their positions. Balanced sinkhorn, --p 2; needs --apply-out."),
     ] = None,
     apply_out: Annotated[
-        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out).")
+        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out, "
+                                  "for --apply's file: a mesh keeps its faces, a LAS file its records).")
     ] = None,
     loss: o.Loss = "sinkhorn",
     lr: Annotated[float, typer.Option(help="Step size: x <- x - lr * grad L / a_i (N * grad for "
@@ -79,6 +82,9 @@ def flow(
     weights_a: o.WeightsA = None,
     weights_b: o.WeightsB = None,
     weight_property: o.WeightProperty = None,
+    sample: o.Sample = None,
+    weights: o.MeshWeights = None,
+    classes: o.Classes = None,
     keep_mass: o.KeepMass = False,
     log: Annotated[
         Path | None, typer.Option(help="Write the loss trajectory as JSON lines to this file.")
@@ -96,9 +102,11 @@ def flow(
     """
     with handle_errors(debug):
         from geomreg.errors import OutputError, ParameterError
-        from geomreg.io import check_output, points_writer, read_measure
+        from geomreg.io import check_moved, check_output
         from geomreg.io.writers import POINT_SUFFIXES
         from geomreg.params import check_params
+
+        from .inputs import read_applied, read_pair
 
         check_params(loss, p, blur, reach, scaling, defaults.TOL if sinkhorn_tol is None else sinkhorn_tol,
                      max_iter, diameter)
@@ -119,9 +127,9 @@ def flow(
         for f in outputs:
             check_output(f, protect=inputs)
         if out.suffix.lower() != ".png":
-            points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+            check_moved(out)  # an unknown --out format fails before the computation
         if apply_out is not None:
-            points_writer(apply_out, [[0.0]])
+            check_moved(apply_out)
         if field is not None and field.suffix.lower() != ".npy":
             raise ParameterError("--field", f"written as .npy, not {field.suffix or field.name!r}")
         if plot is not None:
@@ -129,8 +137,10 @@ def flow(
 
             check_path(plot)
 
-        mu = read_measure(a, weights=weights_a, weight_property=weight_property)
-        nu = read_measure(b, weights=weights_b, weight_property=weight_property)
+        mu, nu = read_pair(a, b, weights_a=weights_a, weights_b=weights_b, weight_property=weight_property,
+                           sample=sample, weights=weights, classes=classes, seed=seed)
+        if out.suffix.lower() != ".png":
+            check_moved(out, mu)  # a mesh or LAS format for a source that is not one
         images = mu.grid is not None and nu.grid is not None and len(nu.grid.shape) == 2
         if out.suffix.lower() == ".png" and not images:
             raise ParameterError("--out", "a .png output is the density transported between two images")
@@ -138,14 +148,16 @@ def flow(
             from geomreg.plots import check_dimension
 
             check_dimension(mu.dim)
-        other = read_measure(apply) if apply is not None else None
+        other = read_applied(apply, mu) if apply is not None else None
         if other is not None and other.dim != mu.dim:
             raise ParameterError("--apply", f"{apply}: {other.dim}-D points, A is {mu.dim}-D")
+        if other is not None:
+            check_moved(apply_out, other)
         from geomreg.registration import flow as run_flow
 
         rerun = seeded(ctx, seed)
         snapshots = {} if plot is not None else None
-        on_step, progress = _observer(steps, every, frames, frame_format, mu.weights, inputs, snapshots)
+        on_step, progress = _observer(steps, every, frames, frame_format, mu, inputs, snapshots)
         with progress:
             result = run_flow(
                 mu, nu, lr=lr, steps=steps, tol=tol, on_step=on_step, loss=loss, p=p, blur=blur,
@@ -171,15 +183,17 @@ def flow(
             raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
-def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
+def _observer(steps, every, frames, suffix, source, inputs, snapshots=None):
     """The per-step callback (frames, progress bar, snapshots) and the progress context.
+
+    Frames are ``source`` (A's measure) moved: in its file's frame, a mesh's ``.ply`` with its faces.
 
     ``snapshots``, a dict or None: filled with ``{step: points}`` at steps 0, 1, 2, 4, 8, ...
     (a few copies of the cloud, whenever the flow stops), for the --plot picture.
     """
     import contextlib
 
-    from geomreg.io import atomic_write, points_writer
+    from geomreg.io import atomic_write, moved_writer
 
     console = err_console()
     bar = None
@@ -197,7 +211,7 @@ def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
             path = frames / f"step_{step.index:05d}{suffix}"
             pts = points.detach().cpu().double().numpy()
             with uninterrupted():  # a frame is written whole, or not at all
-                atomic_write(path, points_writer(path, pts, weights), protect=inputs)
+                atomic_write(path, moved_writer(path, source, pts, source.weights), protect=inputs)
         k = step.index
         if snapshots is not None and (k & (k - 1)) == 0:  # 0 and the powers of two
             snapshots[k] = points.detach().cpu().double().numpy().copy()
@@ -207,7 +221,7 @@ def _observer(steps, every, frames, suffix, weights, inputs, snapshots=None):
 
 def _write(result, mu, images_of, *, out, field, log, protect, apply_out=None, other=None) -> None:
     """All requested files together, atomically; ``images_of``: B when both inputs are images."""
-    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
+    from geomreg.io import atomic_write_many, moved_writer, npy_writer, text_writer
 
     from .output import density_writer, per_pixel
 
@@ -216,12 +230,12 @@ def _write(result, mu, images_of, *, out, field, log, protect, apply_out=None, o
         moved = images_of.grid.splat(end, mu.weights)  # A's masses onto B's pixels
         jobs = [(out, density_writer(out, images_of.grid, moved))]
     else:
-        jobs = [(out, points_writer(out, end, mu.weights))]
+        jobs = [(out, moved_writer(out, mu, end, mu.weights))]
     if field is not None:
         jobs.append((field, npy_writer(per_pixel(mu, end - mu.points))))
     if apply_out is not None:
-        jobs.append((apply_out, points_writer(apply_out, result.applied.detach().cpu().double().numpy(),
-                                              other.weights)))
+        jobs.append((apply_out, moved_writer(apply_out, other, result.applied.detach().cpu().double().numpy(),
+                                             other.weights)))
     if log is not None:
         jobs.append((log, text_writer("".join(dumps(s.to_dict()) + "\n" for s in result.steps))))
     with uninterrupted():

@@ -22,7 +22,9 @@ def match(
     out: Annotated[
         Path,
         typer.Option("--out", help="Write A moved by the field here: .ply (with A's weights as the "
-                     "vertex property 'weight'), .npy, .txt, .xyz or .csv. Two images: .png (A's "
+                     "vertex property 'weight'), .npy, .txt, .xyz or .csv; a mesh A (read with its "
+                     "vertices) also .obj, .off, .stl, and .ply as a mesh, with A's faces; a LAS A .las or "
+                     ".laz (A's point records, x y z moved). Two images: .png (A's "
                      "density transported onto B's pixels, dark is mass) or .npy (that density)."),
     ],
     field: Annotated[
@@ -34,7 +36,8 @@ def match(
                      "by the same field, extended by the dual potentials; needs --apply-out."),
     ] = None,
     apply_out: Annotated[
-        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out).")
+        Path | None, typer.Option(help="Where --apply's points, moved, are written (formats as --out, "
+                                  "for --apply's file: a mesh keeps its faces, a LAS file its records).")
     ] = None,
     matches: Annotated[
         Path | None,
@@ -70,6 +73,9 @@ def match(
     weight_property: o.WeightProperty = None,
     mass: o.Mass = "dark",
     as_image: o.AsImage = False,
+    sample: o.Sample = None,
+    weights: o.MeshWeights = None,
+    classes: o.Classes = None,
     keep_mass: o.KeepMass = False,
     verbose: o.Verbose = False,
     log: o.Log = None,
@@ -86,8 +92,10 @@ def match(
     """
     with handle_errors(debug):
         from geomreg.errors import ParameterError
-        from geomreg.io import check_output, points_writer, read_measure
+        from geomreg.io import check_moved, check_output
         from geomreg.params import check_params
+
+        from .inputs import read_applied, read_pair
 
         check_params("sinkhorn", p, blur, reach, scaling, tol, max_iter, diameter)
         if (apply is None) != (apply_out is None):
@@ -102,24 +110,28 @@ def match(
         for f in outputs:
             check_output(f, protect=inputs)
         if out.suffix.lower() != ".png":
-            points_writer(out, [[0.0]])  # an unknown --out format fails before the computation
+            check_moved(out)  # an unknown --out format fails before the computation
         if apply_out is not None:
-            points_writer(apply_out, [[0.0]])
+            check_moved(apply_out)
         if plot is not None:
             from geomreg.plots import check_path
 
             check_path(plot)
 
-        read = dict(weight_property=weight_property, mass=mass, as_image=as_image)
-        mu = read_measure(a, weights=weights_a, **read)
-        nu = read_measure(b, weights=weights_b, **read)
+        mu, nu = read_pair(a, b, weights_a=weights_a, weights_b=weights_b, weight_property=weight_property,
+                           mass=mass, as_image=as_image, sample=sample, weights=weights, classes=classes,
+                           seed=seed)
+        if out.suffix.lower() != ".png":
+            check_moved(out, mu)  # a mesh or LAS format for a source that is not one
         if out.suffix.lower() == ".png" and (mu.grid is None or nu.grid is None or len(nu.grid.shape) != 2):
             raise ParameterError("--out", "a .png output is the density transported between two images")
         if plot is not None and not (mu.grid is not None and nu.grid is not None and len(nu.grid.shape) == 2):
             from geomreg.plots import check_dimension
 
             check_dimension(mu.dim)
-        other = read_measure(apply) if apply is not None else None
+        other = read_applied(apply, mu) if apply is not None else None
+        if other is not None:
+            check_moved(apply_out, other)
         from geomreg.registration import match as run_match
 
         rerun = seeded(ctx, seed)
@@ -152,7 +164,7 @@ def match(
 
 def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protect) -> None:
     """All requested files together, atomically (all or none)."""
-    from geomreg.io import atomic_write_many, npy_writer, points_writer, text_writer
+    from geomreg.io import atomic_write_many, moved_writer, npy_writer, points_writer, text_writer
 
     from .output import density_writer
 
@@ -164,11 +176,11 @@ def _write(result, mu, nu, other, *, out, field, apply_out, matches, log, protec
     elif result.transported is not None:  # the moved pixels with mass, as a weighted cloud
         jobs = [(out, points_writer(out, arr(result.registered)[mu.grid.mask], mu.weights))]
     else:
-        jobs = [(out, points_writer(out, arr(result.registered), mu.weights))]
+        jobs = [(out, moved_writer(out, mu, arr(result.registered), mu.weights))]
     if field is not None:
         jobs.append((field, npy_writer(per_pixel(mu, arr(result.field)))))
     if apply_out is not None:
-        jobs.append((apply_out, points_writer(apply_out, arr(result.applied), other.weights)))
+        jobs.append((apply_out, moved_writer(apply_out, other, arr(result.applied), other.weights)))
     if matches is not None:
         idx, w = (arr(t) for t in result.matches)
         lines = ["source,target,weight\n"]

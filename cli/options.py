@@ -13,7 +13,8 @@ LOSS_HELP = (
 )
 
 SourceArg = Annotated[
-    Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .png")
+    Path, typer.Argument(metavar="A", help="Source measure: .ply .pcd .xyz .pts .npy .txt .csv .las .laz, "
+                         "a mesh (.obj .off .stl, .ply with faces: its vertices) or an image (.png ...)")
 ]
 TargetArg = Annotated[
     Path, typer.Argument(metavar="B", help="Target measure, same kinds (same dimension as A).")
@@ -66,6 +67,22 @@ AsImage = Annotated[
     bool,
     typer.Option("--as-image", help="Read 2-D .npy arrays as density images (first row on top), "
                  "not as (N, D) point clouds. Rank-3 .npy arrays are always density volumes."),
+]
+Sample = Annotated[
+    int | None,
+    typer.Option(min=1, help="Read N points of each input: on a mesh, N points drawn uniformly on its "
+                 "surface; on a cloud (LAS included), N of its points at random (all when it has fewer). "
+                 "Seeded by --seed. Not for images."),
+]
+MeshWeights = Annotated[
+    str | None,
+    typer.Option("--weights", help="'area': weigh each vertex of a mesh input by a third of the area of "
+                 "its triangles (normalised); inputs that are not meshes keep their weights."),
+]
+Classes = Annotated[
+    str | None,
+    typer.Option(help="LAS/LAZ inputs: keep only the points of these classification codes, e.g. 2,6 "
+                 "(other inputs are read whole)."),
 ]
 KeepMass = Annotated[
     bool, typer.Option("--keep-mass", help="Do not normalise weights to mass 1 (for unbalanced OT).")

@@ -7,7 +7,7 @@ engine and the losses trust what they receive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -104,12 +104,22 @@ class Measure:
         weights: ``(N,)`` float64 array, finite, >= 0, positive and finite total mass.
         source: where the measure came from (a file name), used in error messages.
         grid: pixel layout when the measure was read from an image, else None.
+        faces: ``(F, 3)`` int64 triangles when the points are the vertices of a mesh (read
+            from a mesh file with its vertices as the measure), else None.
+        origin: ``(D,)`` float64 offset subtracted from the coordinates when they were read
+            (a LAS header's offset): the points in the file's own frame are ``points +
+            origin``. None: the points are in the file's frame.
+        las: the LAS point records of the points (:class:`geomreg.io.las.LasPoints`) when
+            read from a LAS/LAZ file, carried to a LAS output; else None.
     """
 
     points: np.ndarray
     weights: np.ndarray
     source: str = "<array>"
     grid: Grid | None = None
+    faces: np.ndarray | None = field(default=None, repr=False, compare=False)
+    origin: np.ndarray | None = field(default=None, repr=False, compare=False)
+    las: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         where = self.source
@@ -136,6 +146,27 @@ class Measure:
         w = _check_weights(w, n, where)
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "weights", w)
+        if self.faces is not None:
+            object.__setattr__(self, "faces", _check_faces(self.faces, n, where))
+        if self.origin is not None:
+            origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
+            if origin.shape != (d,) or not np.isfinite(origin).all():
+                raise InputError(where, f"origin must be {d} finite numbers, found {self.origin!r}")
+            object.__setattr__(self, "origin", origin)
+        if self.las is not None and len(self.las) != n:
+            raise InputError(where, f"{len(self.las)} LAS records for {n} points")
+
+    def rebased(self, origin: np.ndarray | None) -> Measure:
+        """The same measure with its points relative to ``origin`` (None: the file's frame).
+
+        Measures compared or registered together must share one origin; writers add the
+        origin back.
+        """
+        mine = np.zeros(self.dim) if self.origin is None else self.origin
+        theirs = np.zeros(self.dim) if origin is None else np.asarray(origin, dtype=np.float64)
+        if np.array_equal(mine, theirs):
+            return self if (self.origin is None) == (origin is None) else replace(self, origin=origin)
+        return replace(self, points=self.points + (mine - theirs), origin=origin)
 
     @property
     def n(self) -> int:
@@ -164,6 +195,22 @@ def _as_array(values, where: str, what: str) -> np.ndarray:
 #: dtype kinds accepted as real numbers: signed and unsigned integers, floats (not bool,
 #: complex, timedelta (whose NaT would become a finite number), strings or objects)
 _REAL_KINDS = "iuf"
+
+
+def _check_faces(faces, n: int, where: str) -> np.ndarray:
+    """Validate triangles of a mesh of ``n`` vertices; returns them as int64 (F, 3)."""
+    f = _as_array(faces, where, "faces")
+    if f.dtype.kind not in "iu" or f.ndim != 2 or f.shape[1] != 3:
+        raise InputError(where, f"faces must be an (F, 3) array of vertex indices, found {f.dtype} {f.shape}")
+    if f.shape[0] == 0:
+        raise InputError(where, "0 faces; a mesh needs at least 1 triangle")
+    f = f.astype(np.int64, copy=False)
+    bad = (f < 0) | (f >= n)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise InputError(where, f"face {row} refers to vertex {int(f[bad][0])}; the mesh has {n} vertices "
+                         "(numbered from 0)")
+    return f
 
 
 def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:

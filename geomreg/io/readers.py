@@ -15,6 +15,13 @@ Supported suffixes (case-insensitive):
   columns such as colours are ignored); a ``.pts`` file may start with a point count.
 * ``.txt``, ``.csv``: one point per line, numbers separated by whitespace or commas.
 * ``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``: density images.
+* ``.obj``, ``.off``, ``.stl`` and ``.ply`` files with faces: triangle meshes
+  (:mod:`geomreg.io.meshes`); the measure is the vertices, and keeps the faces.
+* ``.las``, ``.laz``: lidar point clouds (:mod:`geomreg.io.las`), x y z relative to the header
+  offset (the measure's ``origin``), every point record kept for a LAS output.
+
+:data:`SUFFIXES` lists the point-cloud and image suffixes; :data:`ALL_SUFFIXES` adds the mesh
+and LAS ones.
 
 Density images follow one convention (see :func:`read_measure`): square pixels, the
 longer image side spans [0, 1], rows flipped so that +y is up, and the weight of a pixel
@@ -30,6 +37,7 @@ import struct
 import tokenize
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,8 @@ from ..errors import GeomregError, InputError, ParameterError
 from ..measure import Grid, Measure, _check_weights
 from .common import is_number as _is_number
 from .common import short as _short
+from .las import LAS_SUFFIXES, parse_classes, read_las
+from .meshes import area_weights, read_obj, read_off, read_ply_faces, read_stl, sample_surface
 from .plypcd import read_pcd, read_ply
 
 ARRAY_SUFFIXES = (".npy",)
@@ -46,7 +56,10 @@ XYZ_SUFFIXES = (".xyz", ".pts")
 TEXT_SUFFIXES = (".txt", ".csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SUFFIXES = ARRAY_SUFFIXES + POINT_FILE_SUFFIXES + XYZ_SUFFIXES + TEXT_SUFFIXES + IMAGE_SUFFIXES
-"""Every file suffix :func:`read_measure` accepts (lower case, with the dot)."""
+"""The point-cloud and image suffixes :func:`read_measure` accepts (lower case, with the dot)."""
+MESH_ONLY_SUFFIXES = (".obj", ".off", ".stl")
+ALL_SUFFIXES = SUFFIXES + MESH_ONLY_SUFFIXES + LAS_SUFFIXES
+"""Every file suffix :func:`read_measure` accepts: :data:`SUFFIXES`, meshes and LAS/LAZ."""
 
 MASS_MODES = ("dark", "bright")
 
@@ -61,12 +74,22 @@ def read_measure(
     weight_property: str | None = None,
     mass: str = "dark",
     as_image: bool = False,
+    sample: int | None = None,
+    classes=None,
+    seed: int = 0,
 ) -> Measure:
     """Read a point cloud, an array or a density image as a weighted point cloud.
 
-    The reader is chosen by the lower-cased file suffix (see :data:`SUFFIXES`). Point
+    The reader is chosen by the lower-cased file suffix (see :data:`ALL_SUFFIXES`). Point
     clouds get uniform weights 1/N (total mass 1) unless ``weights`` or
     ``weight_property`` says otherwise.
+
+    Meshes (``.obj``, ``.off``, ``.stl``, a ``.ply`` with a ``face`` element): the measure is
+    the vertices, with the triangles in ``faces``; ``weights="area"`` weighs each vertex by
+    a third of the area of its triangles (normalised), ``sample=N`` replaces the vertices by
+    N points drawn uniformly on the surface (no faces then). LAS/LAZ: points relative to the
+    header offset (kept as ``origin``), the point records in ``las``; ``classes`` keeps the
+    points of those classification codes.
 
     Density images: gray is the mean of the RGB channels scaled to [0, 1] by the dtype's
     maximum (255 or 65535). Transparent pixels are background: with an alpha channel the
@@ -87,6 +110,12 @@ def read_measure(
             images only.
         as_image: read a rank-2 ``.npy`` array as a density image (rows like an image file's:
             the first row is the top) instead of as an (N, D) point cloud.
+        sample: read N points: on a mesh, N points on its surface (triangles drawn by area);
+            on any other cloud (LAS included), N of its points drawn without replacement and
+            kept in file order (all of them when it has at most N). Not for images.
+        classes: LAS/LAZ only: classification codes to keep (``"2,6"`` or ints).
+        seed: seed of the random generator ``sample`` draws from (the same seed, the same
+            points).
 
     Arrays of rank 3 in ``.npy`` files are density volumes: voxel ``(i, j, k)`` sits at
     ``((i + 0.5) s, (j + 0.5) s, (k + 0.5) s)`` with ``s = 1 / max(shape)`` and weighs
@@ -99,8 +128,11 @@ def read_measure(
     Raises:
         InputError: the file (or the weights file) is missing, unreadable, empty,
             malformed, or holds no valid measure.
-        ParameterError: ``mass`` is not ``"dark"`` or ``"bright"``, or both ``weights``
-            and ``weight_property`` are given.
+        ParameterError: ``mass`` is not ``"dark"`` or ``"bright"``, both ``weights``
+            and ``weight_property`` are given, ``sample`` is not a positive integer or is
+            given for an image or with weights on a mesh, ``classes`` is given for a file
+            that is not LAS/LAZ or is not a list of codes 0-255, or ``weights="area"`` is
+            given for a file without faces.
     """
     path = Path(path)
     where = str(path)
@@ -108,18 +140,27 @@ def read_measure(
         raise ParameterError("mass", f"must be 'dark' or 'bright', not {mass!r}")
     if weights is not None and weight_property is not None:
         raise ParameterError("weight_property", "give either --weights or --weight-property, not both")
+    area = isinstance(weights, str) and weights == "area"
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, (int, np.integer))
+                               or sample < 1):
+        raise ParameterError("sample", f"must be a positive integer, not {sample!r}")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
+    if suffix not in ALL_SUFFIXES:
         _check_file(path)
         raise InputError(
             where,
-            f"unsupported file type {suffix or '(no suffix)'!r}; supported: " + ", ".join(SUFFIXES),
+            f"unsupported file type {suffix or '(no suffix)'!r}; supported: " + ", ".join(ALL_SUFFIXES),
         )
     if weight_property is not None and suffix != ".ply":
         raise InputError(where, f"--weight-property works with .ply files only, not {suffix} files")
+    if classes is not None and suffix not in LAS_SUFFIXES:
+        raise ParameterError(where, f"--classes works with .las and .laz files only, not {suffix} files")
+    classes = parse_classes(classes)
+    if sample is not None and suffix in IMAGE_SUFFIXES:
+        raise ParameterError(where, "--sample works with point clouds and meshes, not images")
     size = _check_file(path)
 
-    grid = None
+    grid = faces = origin = las = None
     prop_weights = None
     try:
         if suffix == ".npy":
@@ -130,6 +171,15 @@ def read_measure(
                 points = _npy_points(arr, path)
         elif suffix == ".ply":
             points, prop_weights = read_ply(path, size, weight_property)
+            faces = read_ply_faces(path, size)
+        elif suffix == ".obj":
+            points, faces = read_obj(path)
+        elif suffix == ".off":
+            points, faces = read_off(path)
+        elif suffix == ".stl":
+            points, faces = read_stl(path, size)
+        elif suffix in LAS_SUFFIXES:
+            points, origin, las = read_las(path, size, classes)
         elif suffix == ".pcd":
             points = read_pcd(path, size)
         elif suffix in XYZ_SUFFIXES:
@@ -145,11 +195,50 @@ def read_measure(
     except Exception as exc:  # a reader library failed in a way not foreseen above
         raise InputError(where, f"could not read {suffix} file: {_short(exc)}") from exc
 
-    measure = Measure(points, prop_weights, where, grid)
-    if weights is not None:
-        w = read_weights(weights, measure.n)
-        measure = Measure(measure.points, w, where, grid)
+    measure = Measure(points, prop_weights, where, grid, faces=faces, origin=origin, las=las)
+    if area:
+        measure = with_area_weights(measure)
+    elif weights is not None:
+        measure = replace(measure, weights=read_weights(weights, measure.n))
+    if sample is not None:
+        if measure.faces is not None and (weights is not None or weight_property is not None):
+            raise ParameterError(where, "--sample on a mesh draws points by area: it takes no vertex "
+                                 "weights (--weights, --weight-property)")
+        measure = sampled(measure, sample, seed)
     return measure
+
+
+def with_area_weights(measure: Measure) -> Measure:
+    """A mesh's measure with each vertex weighted by a third of its triangles' area (sum 1).
+
+    Raises:
+        ParameterError: the measure has no faces (not read from a mesh).
+        InputError: the mesh has zero area.
+    """
+    if measure.faces is None:
+        raise ParameterError(measure.source, "area weights (--weights area) need a mesh: this file has "
+                             "no faces")
+    return replace(measure, weights=area_weights(measure.points, measure.faces, measure.source))
+
+
+def sampled(measure: Measure, n: int, seed: int = 0) -> Measure:
+    """``n`` points of a measure: on a mesh's surface, else a random subset (see :func:`read_measure`).
+
+    Surface samples have uniform weights; a subset keeps its points' weights, LAS records
+    and origin, in their original order. Seeded by ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    where = measure.source
+    if measure.grid is not None:
+        raise ParameterError(where, "--sample works with point clouds and meshes, not images")
+    if measure.faces is not None:
+        points = sample_surface(measure.points, measure.faces, n, rng, where)
+        return Measure(points, None, where, origin=measure.origin)
+    if n >= measure.n:
+        return measure
+    keep = np.sort(rng.choice(measure.n, size=n, replace=False))
+    las = measure.las.take(keep) if measure.las is not None else None
+    return replace(measure, points=measure.points[keep], weights=measure.weights[keep], las=las)
 
 
 def read_weights(path: str | os.PathLike, n: int) -> np.ndarray:

@@ -244,6 +244,73 @@ def points_writer(path: str | os.PathLike, points, weights=None) -> Callable[[st
     return _save
 
 
+#: formats :func:`moved_writer` writes: clouds, meshes (for a mesh source) and LAS (for a LAS source)
+MESH_OUTPUT_SUFFIXES = (".obj", ".off", ".stl", ".ply")
+LAS_OUTPUT_SUFFIXES = (".las", ".laz")
+MOVED_SUFFIXES = POINT_SUFFIXES + (".obj", ".off", ".stl") + LAS_OUTPUT_SUFFIXES
+
+
+def check_moved(path: str | os.PathLike, source=None) -> None:
+    """Check, before a computation, that :func:`moved_writer` can write ``source`` moved to ``path``.
+
+    ``source`` None checks the suffix alone (before the inputs are read).
+
+    Raises:
+        OutputError: an unknown suffix; a mesh format (``.obj .off .stl``) for a source that
+            is not a mesh read with its vertices; ``.las``/``.laz`` for a source not read from
+            a LAS/LAZ file.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in MOVED_SUFFIXES:
+        raise OutputError(str(path), f"unknown output format {suffix or '(no suffix)'!r}; use "
+                          + ", ".join(MOVED_SUFFIXES))
+    if source is None:
+        return
+    if suffix in LAS_OUTPUT_SUFFIXES and getattr(source, "las", None) is None:
+        raise OutputError(str(path), f"a {suffix} output carries the point records of a LAS/LAZ input; "
+                          f"{source.source} is not one (write .ply, .npy, .txt, .xyz or .csv)")
+    if suffix in (".obj", ".off", ".stl") and getattr(source, "faces", None) is None:
+        raise OutputError(str(path), f"a {suffix} output is a mesh with the faces of its input; "
+                          f"{source.source} is not a mesh read with its vertices (write .ply, .npy, "
+                          ".txt, .xyz or .csv)")
+
+
+def moved_writer(path: str | os.PathLike, source, points, weights=None) -> Callable[[str], None]:
+    """A ``write_fn`` for :func:`atomic_write` saving ``source``'s points moved to ``points``.
+
+    ``source`` is the :class:`~geomreg.measure.Measure` that was moved and ``points`` its
+    ``(N, D)`` new positions, in the measure's frame (relative to ``source.origin``, which is
+    added back). By ``path``'s suffix:
+
+    * a mesh format (``.obj .off .stl .ply``) and a mesh source (read with its vertices as the
+      measure): the same faces on the moved vertices (:func:`geomreg.io.meshes.mesh_writer`;
+      ``.ply`` also holds ``weights`` as the vertex property ``weight``);
+    * ``.las``/``.laz`` and a LAS source: the input's point records with x, y, z replaced
+      (same point format, scales, offsets and every other dimension);
+    * otherwise exactly :func:`points_writer` (``weights`` in a ``.ply``).
+
+    Raises:
+        OutputError: see :func:`check_moved`; or a point count unlike the source's for a mesh
+            or LAS output.
+    """
+    check_moved(path, source)
+    pts = np.asarray(points, dtype=np.float64)
+    if source.origin is not None:
+        pts = pts + source.origin
+    suffix = Path(path).suffix.lower()
+    if suffix in LAS_OUTPUT_SUFFIXES:
+        from .las import las_writer
+
+        return las_writer(path, source.las, pts)
+    if source.faces is not None and suffix in MESH_OUTPUT_SUFFIXES:
+        if pts.shape[0] != source.n:
+            raise OutputError(str(path), f"{pts.shape[0]} points for the {source.n} vertices of a mesh")
+        from .meshes import mesh_writer
+
+        return mesh_writer(path, pts, source.faces, weights)
+    return points_writer(path, pts, weights)
+
+
 def density_png_writer(density: np.ndarray) -> Callable[[str], None]:
     """A ``write_fn`` for :func:`atomic_write`: a 2-D density as an 8-bit gray PNG, dark is mass.
 
