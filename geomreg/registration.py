@@ -373,6 +373,8 @@ def _confirmed(before: torch.Tensor, now: torch.Tensor, y: Any, tol: float, eval
 
 
 MODELS = ("rigid", "similarity", "affine", "rigid+flow")
+#: smooth warps (:mod:`geomreg.deform`), each after a global stage: ``spline`` is ``rigid+spline``
+WARPS = ("spline", "diffeo")
 #: during register's coarse levels the reach is at least this many blurs
 REACH_PER_BLUR = 3.0
 #: a transport level ends once a fit moves no point by more than this many blurs
@@ -392,7 +394,7 @@ REFINE_POINTS, POLISH_POINTS = 2000, 10000
 
 @dataclass(frozen=True)
 class RegisterResult:
-    """What :func:`register` returns.
+    r"""What :func:`register` returns.
 
     Attributes:
         matrix: ``(D + 1, D + 1)`` float64 homogeneous transform T with ``registered = T . x``
@@ -415,7 +417,14 @@ class RegisterResult:
             (:func:`flow`); else None.
         time_s: compute time of the call, seconds.
         times: seconds per stage: ``voxel`` (resampling), ``transport``, ``surface`` and
-            ``final`` (the divergence at the chosen pose); ``flow`` for ``rigid+flow``.
+            ``final`` (the divergence at the chosen pose); ``flow`` for ``rigid+flow``;
+            ``spline`` or ``diffeo`` and ``jacobian`` for smooth warps.
+        warp: smooth warps: the :class:`geomreg.deform.Warp` (``matrix`` is its global part);
+            else None.
+        smoothness: smooth warps: the regularisation :math:`R` of the fitted warp.
+        min_jacobian: smooth warps: the smallest :math:`\det D\phi` over the source points
+            (> 0: no folding there).
+        lam: smooth warps: the smoothness weight lambda used.
     """
 
     matrix: torch.Tensor
@@ -431,6 +440,18 @@ class RegisterResult:
     flow: FlowResult | None = None
     time_s: float = 0.0
     times: dict[str, float] = dataclasses.field(default_factory=dict)
+    warp: Any = None
+    smoothness: float | None = None
+    min_jacobian: float | None = None
+    lam: float | None = None
+
+    def as_warp(self):
+        """The fitted map as a :class:`geomreg.deform.Warp` (the matrix alone for global models)."""
+        from .deform import Warp
+
+        if self.flow is not None:
+            raise ParameterError("model", "rigid+flow moves the source's own points: it is no warp of space")
+        return self.warp if self.warp is not None else Warp("linear", self.matrix)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
@@ -438,6 +459,9 @@ class RegisterResult:
                "transported": self.transported, "start": self.start, "n_fits": self.n_fits,
                "values_per_start": self.values, "overlap_per_start": self.overlap,
                "voxel": self.voxel, "time_s": self.time_s, "times": dict(self.times)}
+        if self.warp is not None:
+            out.update(sigma=self.warp.sigma, lam=self.lam, controls=len(self.warp.controls),
+                       smoothness=self.smoothness, min_jacobian=self.min_jacobian)
         if self.flow is not None:
             f = self.flow.to_dict()
             keep = ("loss_initial", "loss_final", "n_steps", "stopped", "trajectory")
@@ -458,6 +482,10 @@ def register(
     voxel: float | None = None,
     surface: bool = True,
     flow_options: dict[str, Any] | None = None,
+    sigma: float | None = None,
+    lam: float | None = None,
+    controls: Any = None,
+    steps: int | None = None,
     **kwargs: Any,
 ) -> RegisterResult:
     r"""Fit the transform of ``model`` that moves ``x`` onto ``y`` (no initial guess needed).
@@ -489,10 +517,26 @@ def register(
     ``model="rigid+flow"``: the rigid fit, then the gradient flow (:func:`flow`, sinkhorn at
     ``blur``, its defaults or ``flow_options``) from ``T . x`` to ``y`` for what no rigid
     motion explains; ``matrix`` is the rigid part and ``registered`` where the flow ends.
+
+    ``model="spline"`` or ``"diffeo"`` (after ``rigid``; or ``"affine+spline"``,
+    ``"similarity+diffeo"``, ...): the global fit, then a smooth warp fitted by transport
+    (:mod:`geomreg.deform`): Gaussian kernel of width ``sigma`` (default
+    ``deform.SIGMA_PER_SPAN`` of the diagonal) on ``controls`` control points, smoothness
+    weight ``lam`` (default ``deform.LAMBDA``), ``steps`` Euler steps for ``diffeo``.
+    ``warp`` then moves any points; ``matrix`` is the global part.
     """
     from .measure import Measure
 
     clock = Stopwatch()
+    pre, _, smooth = model.rpartition("+")
+    if smooth in WARPS:
+        return _register_warp(x, y, pre or "rigid", smooth, clock, blur=blur, reach=reach, levels=levels,
+                              fits=fits, starts=starts, voxel=voxel, surface=surface, sigma=sigma, lam=lam,
+                              controls=controls, steps=steps, **kwargs)
+    if any(v is not None for v in (sigma, lam, controls, steps)):
+        raise ParameterError("sigma" if sigma is not None else "lam" if lam is not None else
+                             "controls" if controls is not None else "steps",
+                             f"sets a smooth warp (model spline or diffeo), not model {model}")
     if model == "rigid+flow":
         rigid = register(x, y, model="rigid", blur=blur, reach=reach, levels=levels, fits=fits,
                          starts=starts, voxel=voxel, surface=surface, **kwargs)
@@ -568,6 +612,57 @@ def register(
     matrix[:d, :d], matrix[:d, d] = lin, t
     return RegisterResult(matrix, x_full @ lin.T + t, final.value.item(), share, k, n_fits, values,
                           model, overlaps, voxel, time_s=clock.elapsed, times=clock.times)
+
+
+def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma, lam, controls, steps,
+                   **kwargs) -> RegisterResult:
+    """The global fit of model ``pre``, then the smooth warp ``smooth`` (:func:`geomreg.deform.fit_warp`)."""
+    from . import deform
+    from .measure import Measure
+
+    if pre not in ("rigid", "similarity", "affine"):
+        raise ParameterError("model", f"a smooth warp follows rigid, similarity or affine, not {pre!r}")
+    lam = deform.LAMBDA if lam is None else lam
+    steps = deform.DIFFEO_STEPS if steps is None else steps
+    deform.check_options(sigma, lam, steps)
+    glob = register(x, y, model=pre, blur=blur, reach=reach, levels=levels, fits=fits, **kwargs)
+    a, b = kwargs.pop("a", None), kwargs.pop("b", None)
+    if isinstance(x, Measure):
+        a = x.weights if a is None else a
+        x = x.points
+    if isinstance(y, Measure):
+        b = y.weights if b is None else b
+        y = y.points
+    x_full = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    y_full = torch.as_tensor(np.asarray(y, dtype=np.float64))
+    with clock(smooth):
+        z, wa = _fit_cloud(glob.registered, a)
+        ys, wb = _fit_cloud(y_full, b)
+        sigma = deform.default_sigma(glob.registered, y_full) if sigma is None else sigma
+        kw = dict(kwargs, a=wa, b=wb)
+        kw.pop("voxel", None), kw.pop("surface", None), kw.pop("starts", None)
+        fitted = deform.fit_warp(smooth, z, ys, glob.as_warp(), blur=blur, reach=reach, levels=levels,
+                                 fits=max(fits, 5), sigma=sigma, lam=lam, controls=controls, steps=steps,
+                                 kw=kw,
+                                 surface=y_full if kwargs.get("surface", True) else None)
+        registered = fitted.warp(x_full)
+    with clock("jacobian"):
+        dets = fitted.warp.jacobian_determinants(x_full)
+    return dataclasses.replace(glob, registered=registered, model=f"{pre}+{smooth}", value=fitted.value,
+                               n_fits=glob.n_fits + fitted.n_fits, warp=fitted.warp, lam=lam,
+                               smoothness=fitted.smoothness, min_jacobian=float(dets.min()),
+                               time_s=clock.elapsed, times={**glob.times, **clock.times})
+
+
+def _fit_cloud(p: torch.Tensor, w: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cloud a warp is fitted on: ``p`` itself, or its cube means when it has over ``FIT_POINTS``."""
+    from .deform import FIT_POINTS
+
+    if len(p) > FIT_POINTS:
+        return _voxel_means(p, w, _side_for(p, FIT_POINTS))
+    weights = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64) if w is None else \
+        torch.as_tensor(np.asarray(w, dtype=np.float64))
+    return p, weights
 
 
 def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach, kw):

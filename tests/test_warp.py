@@ -1,0 +1,77 @@
+"""Smooth warps (geomreg.deform): recovery of a known warp, application, save/load, bad options."""
+
+import numpy as np
+import pytest
+import torch
+
+from geomreg.deform import Warp, gaussian
+from geomreg.errors import InputError, ParameterError
+from geomreg.registration import register
+
+
+def _case():
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 2 * np.pi, 300)
+    x = np.c_[np.cos(t) * (1 + 0.3 * np.cos(3 * t)), 0.6 * np.sin(t)] + 0.01 * rng.standard_normal((300, 2))
+    c = torch.tensor([[0.8, 0.0], [-0.8, 0.2], [0.0, 0.5]], dtype=torch.float64)
+    alpha = torch.tensor([[0.0, 0.12], [0.1, 0.0], [-0.05, -0.08]], dtype=torch.float64)
+    truth = x + (gaussian(torch.as_tensor(x), c, 0.5) @ alpha).numpy()
+    return x, truth
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x, y = _case()
+    return x, y, {m: register(x, y, model=m, blur=0.02, dtype="float64") for m in ("spline", "diffeo")}
+
+
+@pytest.mark.parametrize("model", ["spline", "diffeo"])
+def test_known_warp_recovered(fitted, model):
+    x, y, results = fitted
+    r = results[model]
+    before = np.linalg.norm(x - y, axis=1).mean()
+    after = np.linalg.norm(r.registered.numpy() - y, axis=1).mean()
+    assert after < 0.5 * before  # a closed curve leaves some sliding along it free
+    assert r.min_jacobian > 0 and r.model == f"rigid+{model}"
+    assert set(r.to_dict()) >= {"sigma", "lam", "controls", "smoothness", "min_jacobian", "time_s"}
+
+
+@pytest.mark.parametrize("model", ["spline", "diffeo"])
+def test_warp_applies_to_other_points_and_round_trips(fitted, model, tmp_path):
+    x, _, results = fitted
+    warp = results[model].warp
+    assert torch.allclose(warp(x), results[model].registered, atol=1e-12)
+    other = np.random.default_rng(1).uniform(-1, 1, (50, 2))
+    path = tmp_path / "m.npz"
+    warp.save(path)
+    back = Warp.load(path)
+    assert torch.equal(back(other), warp(other))
+    assert torch.allclose(back.jacobian_determinants(other), warp.jacobian_determinants(other))
+
+
+def test_spline_jacobian_matches_finite_differences(fitted):
+    warp = fitted[2]["spline"].warp
+    p = torch.tensor([[0.3, 0.1]], dtype=torch.float64)
+    h = 1e-6
+    cols = [(warp(p + h * e) - warp(p - h * e))[0] / (2 * h) for e in torch.eye(2, dtype=torch.float64)]
+    det = float(torch.linalg.det(torch.stack(cols, 1)))
+    assert det == pytest.approx(float(warp.jacobian_determinants(p)[0]), rel=1e-6)
+
+
+def test_load_refuses_other_files(tmp_path):
+    bad = tmp_path / "x.npz"
+    np.savez(bad, a=np.zeros(3))
+    with pytest.raises(InputError, match="not a geomreg warp"):
+        Warp.load(bad)
+    (tmp_path / "y.npz").write_bytes(b"garbage")
+    with pytest.raises(InputError):
+        Warp.load(tmp_path / "y.npz")
+
+
+@pytest.mark.parametrize("options", [dict(model="spline", lam=0.0), dict(model="spline", sigma=-1.0),
+                                     dict(model="foo+spline"), dict(model="rigid", sigma=0.1),
+                                     dict(model="diffeo", steps=0)])
+def test_bad_options(options):
+    x, y = _case()
+    with pytest.raises(ParameterError):
+        register(x, y, **options)
