@@ -75,10 +75,10 @@ DIFFEO_STEPS = 10
 #: rows of the N x K kernel matrices computed at once when warping many points
 CHUNK = 8192
 KINDS = ("spline", "diffeo")
+#: after the global stage the blurs start at this many times ``blur`` (at most an eighth of the span)
 WARP_FROM = 4.0
+#: the nearest-neighbour stage's Tukey cut-offs go from this many blurs down to ``SURFACE_TO``
 SURFACE_FROM, SURFACE_TO = 4.0, 0.5
-SURFACE_MEANS = True
-REACH_GROWTH = 1.0
 
 
 def gaussian(x: torch.Tensor, c: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -301,30 +301,33 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     c = control_points(z, kw.get("a"), sigma, controls)
     gram = gaussian(c, c, sigma)
     g = gaussian(z, c, sigma) if kind == "spline" else None
-    coef = torch.zeros_like(c)
     span = float(torch.cat([z, y]).amax(0).sub(torch.cat([z, y]).amin(0)).norm())
     blurs = np.geomspace(max(min(span / 8, WARP_FROM * blur), blur), blur, levels).tolist()
-    moved, r, n_fits, trace = z, None, 0, []
+    moved, coef, n_fits, trace = z, torch.zeros_like(c), 0, []
+
+    def improve(target: torch.Tensor, w: torch.Tensor) -> float:
+        """One majorise-minimise step towards ``target`` (weights ``w``); returns the largest move."""
+        nonlocal moved, coef, n_fits
+        if kind == "spline":
+            coef = _spline_step(g, gram, z, target, w, lam)
+            now = z + g @ coef
+        else:
+            coef = _diffeo_step(c, coef, z, target, w, lam, sigma, steps)
+            now = _flow_points(z, _shoot(c, coef, sigma, steps), sigma).detach()
+        n_fits += 1
+        shift = float((now - moved).norm(dim=1).max())
+        moved = now
+        return shift
+
     for eps in blurs:
         r = None  # the potentials of one blur warm-start the next fit at that blur only
-        level_reach = None if reach is None else max(reach, REACH_GROWTH * REACH_PER_BLUR * eps)
+        level_reach = None if reach is None else max(reach, REACH_PER_BLUR * eps)
         for _ in range(fits):
             r = divergence(moved, y, blur=eps, reach=level_reach, field=True, init=r, certify=False, **kw)
-            target = moved + r.field.to(moved)
-            w = r.plan.row_mass().to(moved)
-            if kind == "spline":
-                coef = _spline_step(g, gram, z, target, w, lam)
-                now = z + g @ coef
-            else:
-                coef = _diffeo_step(c, coef, z, target, w, lam, sigma, steps)
-                now = _flow_points(z, _shoot(c, coef, sigma, steps), sigma).detach()
-            n_fits += 1
-            shift = float((now - moved).norm(dim=1).max())
-            moved = now
-            if shift < FIT_STOP * eps:
+            if improve(moved + r.field.to(moved), r.plan.row_mass().to(moved)) < FIT_STOP * eps:
                 break
         trace.append({"blur": eps, "fits": n_fits, "value": float(r.value)})
-    if surface is not None:
+    if surface is not None:  # each point to the neighbour mean of its nearest target point
         from . import surface as surf
 
         tgt = surf.Target(surface)
@@ -332,18 +335,7 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
         for s in np.geomspace(SURFACE_FROM * blur, SURFACE_TO * blur, 5).tolist():
             for _ in range(fits):
                 idx, dist = tgt.index.query(moved)
-                w = a * surf.tukey(dist[:, 0] / s)
-                target = (tgt.planes(idx[:, 0])[0] if SURFACE_MEANS else surface[idx[:, 0]]).to(z)
-                if kind == "spline":
-                    coef = _spline_step(g, gram, z, target, w, lam)
-                    now = z + g @ coef
-                else:
-                    coef = _diffeo_step(c, coef, z, target, w, lam, sigma, steps)
-                    now = _flow_points(z, _shoot(c, coef, sigma, steps), sigma).detach()
-                n_fits += 1
-                shift = float((now - moved).norm(dim=1).max())
-                moved = now
-                if shift < FIT_STOP * s:
+                if improve(tgt.planes(idx[:, 0])[0].to(z), a * surf.tukey(dist[:, 0] / s)) < FIT_STOP * s:
                     break
         trace.append({"surface": True, "fits": n_fits})
     warp = Warp(kind, base.matrix, c, coef.detach(), sigma, steps if kind == "diffeo" else 0)

@@ -560,16 +560,7 @@ def register(
     for key, value in (("levels", levels), ("fits", fits)):
         if not (isinstance(value, int) and value >= 1):
             raise ParameterError(key, f"must be an integer >= 1, got {value}")
-    a = kwargs.pop("a", None)
-    b = kwargs.pop("b", None)
-    if isinstance(x, Measure):
-        a = x.weights if a is None else a
-        x = x.points
-    if isinstance(y, Measure):
-        b = y.weights if b is None else b
-        y = y.points
-    x_full = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    y_full = torch.as_tensor(np.asarray(y, dtype=np.float64))
+    x_full, y_full, a, b = _unpack(x, y, kwargs)
     if x_full.dim() != 2 or y_full.dim() != 2 or x_full.shape[1] != y_full.shape[1]:
         raise ParameterError("model", "register takes two clouds (N, D) and (M, D) of the same D")
     a_full = None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float64))
@@ -618,7 +609,6 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma
                    **kwargs) -> RegisterResult:
     """The global fit of model ``pre``, then the smooth warp ``smooth`` (:func:`geomreg.deform.fit_warp`)."""
     from . import deform
-    from .measure import Measure
 
     if pre not in ("rigid", "similarity", "affine"):
         raise ParameterError("model", f"a smooth warp follows rigid, similarity or affine, not {pre!r}")
@@ -626,15 +616,7 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma
     steps = deform.DIFFEO_STEPS if steps is None else steps
     deform.check_options(sigma, lam, steps)
     glob = register(x, y, model=pre, blur=blur, reach=reach, levels=levels, fits=fits, **kwargs)
-    a, b = kwargs.pop("a", None), kwargs.pop("b", None)
-    if isinstance(x, Measure):
-        a = x.weights if a is None else a
-        x = x.points
-    if isinstance(y, Measure):
-        b = y.weights if b is None else b
-        y = y.points
-    x_full = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    y_full = torch.as_tensor(np.asarray(y, dtype=np.float64))
+    x_full, y_full, a, b = _unpack(x, y, kwargs)
     with clock(smooth):
         z, wa = _fit_cloud(glob.registered, a)
         ys, wb = _fit_cloud(y_full, b)
@@ -652,6 +634,21 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma
                                n_fits=glob.n_fits + fitted.n_fits, warp=fitted.warp, lam=lam,
                                smoothness=fitted.smoothness, min_jacobian=float(dets.min()),
                                time_s=clock.elapsed, times={**glob.times, **clock.times})
+
+
+def _unpack(x: Any, y: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+    """Both clouds as float64 tensors and their weights (kwargs' a and b, popped; else the Measures')."""
+    from .measure import Measure
+
+    a, b = kwargs.pop("a", None), kwargs.pop("b", None)
+    if isinstance(x, Measure):
+        a = x.weights if a is None else a
+        x = x.points
+    if isinstance(y, Measure):
+        b = y.weights if b is None else b
+        y = y.points
+    x, y = (torch.as_tensor(np.asarray(p, dtype=np.float64)) for p in (x, y))
+    return x, y, a, b
 
 
 def _fit_cloud(p: torch.Tensor, w: Any) -> tuple[torch.Tensor, torch.Tensor]:
