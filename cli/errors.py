@@ -114,12 +114,12 @@ def uninterrupted():
 #: the library's parameter names that an error can blame (their flag is ``--`` + the name
 #: with dashes), and the ones whose flag is another
 _PARAMETERS = frozenset({
-    "apply", "backend", "blur", "cluster_scale", "cost", "device", "diameter", "dtype", "field",
-    "fits", "init", "levels", "loss", "lr", "mass", "max_iter", "model", "normalize", "p",
-    "plot", "reach", "scaling", "seed", "steps", "tol", "top_k", "truncate", "voxel",
-    "weight_property",
+    "apply", "backend", "blur", "classes", "cluster_scale", "controls", "cost", "device", "diameter",
+    "dtype", "field", "fits", "init", "lam", "levels", "loss", "lr", "mass", "max_iter", "model",
+    "normalize", "p", "plot", "reach", "sample", "scaling", "seed", "sigma", "steps", "tol", "top_k",
+    "truncate", "voxel", "weight_property",
 })
-_OTHER_FLAGS = {"normalize": "--keep-mass"}
+_OTHER_FLAGS = {"normalize": "--keep-mass", "lam": "--lambda"}
 
 
 def flag_of(where: str) -> str:

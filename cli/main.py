@@ -81,6 +81,7 @@ def _root(
 def _register_commands() -> None:
     from . import batch, distance, flow, match, warmup
     from . import register as register_cmd
+    from . import warp as warp_cmd
 
     batch.register(app)
     distance.register(app)
@@ -88,6 +89,7 @@ def _register_commands() -> None:
     flow.register(app)
     register_cmd.register_command(app)
     warmup.register(app)
+    warp_cmd.register(app)
 
 
 _register_commands()

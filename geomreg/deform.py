@@ -20,9 +20,13 @@ width :math:`\sigma`, :math:`K_\sigma(x, c) = \exp(-|x - c|^2 / 2\sigma^2)`:
   smoothness is :math:`H(q_0, p_0)`, the kinetic energy of the geodesic (twice it is its
   squared length).
 
-**Fitting** minimises :math:`E = S_\varepsilon(\phi_\# \alpha, \beta) + \tfrac{\lambda}{2} R`,
-with :math:`S_\varepsilon` the Sinkhorn divergence (``blur``, ``reach`` as everywhere) and
-:math:`R` the smoothness above (:math:`\|v\|_K^2`, or :math:`2H`). Each outer iteration
+**Fitting** minimises :math:`E = S_\varepsilon(\phi_\# \alpha, \beta) + \tfrac{\lambda}{2} R / n_\sigma`,
+with :math:`S_\varepsilon` the Sinkhorn divergence (``blur``, ``reach`` as everywhere),
+:math:`R` the smoothness above (:math:`\|v\|_K^2`, or :math:`2H`) and :math:`n_\sigma` the
+number of cubes of side :math:`\sigma` that the source occupies. A displacement of size
+:math:`u` over the whole shape has :math:`R \approx n_\sigma u^2` whatever the shape's size or
+dimension, so :math:`\lambda` weighs a mean squared displacement against the data term's mean
+squared distance: it is dimensionless, and one default fits curves, surfaces and volumes. Each outer iteration
 solves one Sinkhorn problem at the current warp (warm-started from the previous one's
 potentials) and takes the barycentres :math:`y_i` that the plan sends the moved points
 :math:`\phi(x_i)` to, with the mass :math:`w_i` each sends (``field``): for ``p = 2`` the
@@ -60,8 +64,8 @@ from .errors import InputError, ParameterError
 FIT_POINTS = 4000
 #: default kernel width, as a share of the diagonal of the clouds' bounding box
 SIGMA_PER_SPAN = 0.15
-#: default smoothness weight lambda (dimensionless: the data term is a mean squared distance)
-LAMBDA = 1e-3
+#: default smoothness weight lambda (dimensionless, see the module's docstring)
+LAMBDA = 0.1
 #: without ``controls``, control points are the means of cubes of this many sigmas
 CONTROL_SPACING = 0.5
 #: at most this many control points (the spacing grows when there would be more)
@@ -82,7 +86,13 @@ SURFACE_FROM, SURFACE_TO = 4.0, 0.5
 
 
 def gaussian(x: torch.Tensor, c: torch.Tensor, sigma: float) -> torch.Tensor:
-    r"""The ``(N, K)`` kernel matrix :math:`\exp(-|x_i - c_k|^2 / 2\sigma^2)`."""
+    r"""The ``(N, K)`` kernel matrix :math:`\exp(-|x_i - c_k|^2 / 2\sigma^2)`.
+
+    Both sets are centred on the controls' first point first: the expanded squared distance
+    would otherwise lose every digit to cancellation far from the origin (a LAS tile's offset).
+    """
+    if len(c):
+        x, c = x - c[:1], c - c[:1]
     d2 = ((x * x).sum(1)[:, None] + (c * c).sum(1)[None, :] - 2 * x @ c.T).clamp_min(0)
     return torch.exp(-d2 / (2 * sigma * sigma))
 
@@ -173,6 +183,22 @@ class Warp:
             parts.append(det)
         return base * torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
+    def shifted(self, offset: Any) -> Warp:
+        r"""The same warp in coordinates moved by ``offset``: :math:`x \mapsto \phi(x - o) + o`.
+
+        A warp fitted on points relative to an origin ``o`` (a LAS file's offset) is
+        ``warp.shifted(o)`` in the file's own coordinates. The Gaussian kernel depends on
+        differences only, so the smooth part just moves its control points by ``o``.
+        """
+        o = torch.as_tensor(np.asarray(offset, dtype=np.float64).reshape(-1))
+        if o.shape != (self.dim,):
+            raise ParameterError("offset", f"must be {self.dim} numbers, got shape {tuple(o.shape)}")
+        if not bool(o.any()):
+            return self
+        moved = conjugate(self.matrix, o)
+        controls = None if self.controls is None else self.controls + o
+        return Warp(self.kind, moved, controls, self.coefficients, self.sigma, self.steps)
+
     def smoothness(self) -> float:
         r"""The regularisation :math:`R`: :math:`\|v\|_K^2` (spline) or :math:`2H(q_0, p_0)` (diffeo)."""
         if self.kind == "linear":
@@ -187,7 +213,8 @@ class Warp:
         if self.kind != "linear":
             arrays.update(controls=self.controls.double().numpy(),
                           coefficients=self.coefficients.double().numpy())
-        np.savez(path, **arrays)
+        with open(path, "wb") as fh:  # a handle: np.savez would append .npz to other names
+            np.savez(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Warp:
@@ -218,6 +245,15 @@ class Warp:
         if not all(np.isfinite(v).all() for v in arrays):
             raise InputError(where, "corrupt warp: non-finite numbers")
         return cls(kind, torch.as_tensor(matrix, dtype=torch.float64), **kw)
+
+
+def conjugate(matrix: Any, offset: Any) -> torch.Tensor:
+    """The homogeneous ``matrix`` in coordinates moved by ``offset``: translate(o) . M . translate(-o)."""
+    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)).clone()
+    d = m.shape[0] - 1
+    o = torch.as_tensor(np.asarray(offset, dtype=np.float64).reshape(-1))
+    m[:d, d] = m[:d, d] + o - m[:d, :d] @ o
+    return m
 
 
 def _as_points(x: Any, d: int) -> torch.Tensor:
@@ -294,11 +330,12 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     ``kw`` carries the divergence's other arguments (``a``, ``b``: the weights of ``z`` and ``y``).
     """
     from .api import divergence
-    from .registration import REACH_PER_BLUR
+    from .registration import REACH_PER_BLUR, _cells
 
     if kind not in KINDS:
         raise ParameterError("model", f"the smooth part is one of {', '.join(KINDS)}, not {kind!r}")
     c = control_points(z, kw.get("a"), sigma, controls)
+    lam = lam / len(torch.unique(_cells(z, sigma), dim=0))  # per cube of side sigma
     gram = gaussian(c, c, sigma)
     g = gaussian(z, c, sigma) if kind == "spline" else None
     span = float(torch.cat([z, y]).amax(0).sub(torch.cat([z, y]).amin(0)).norm())

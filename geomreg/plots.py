@@ -166,12 +166,15 @@ def plot_register(
     *,
     source_weights: np.ndarray | None = None,
     target_weights: np.ndarray | None = None,
+    grid: Callable | None = None,
     protect: Iterable[PathLike] = (),
 ) -> None:
-    """Draw a registration by a global transform: source, target and registered points.
+    """Draw a registration: source, target and registered points.
 
     The same figure as :func:`plot_match` without arrows or level lines: 2-D and 3-D
-    overlays (source red, target blue, registered green), 1-D densities.
+    overlays (source red, target blue, registered green), 1-D densities. In 2-D, ``grid``
+    (a map of the plane, e.g. a :class:`geomreg.deform.Warp`) adds the image of a regular
+    grid over the source's bounding box: how the warp deforms space.
 
     Args:
         path: the PNG file to write.
@@ -180,13 +183,14 @@ def plot_register(
         registered: ``(N, D)`` the transformed source points.
         source_weights: ``(N,)`` weights of the source points (1-D densities), or None.
         target_weights: ``(M,)`` weights of the target points, or None.
+        grid: a function from ``(K, 2)`` points to their ``(K, 2)`` images, or None.
         protect: input files that must not be overwritten.
 
     Raises:
         ParameterError: the points are not 1-, 2- or 3-D.
     """
     _overlay(path, source, target, registered, arrows=False, potential=None,
-             weights=(source_weights, target_weights), protect=protect)
+             weights=(source_weights, target_weights), grid=grid, protect=protect)
 
 
 def plot_images(
@@ -228,7 +232,7 @@ def plot_images(
 # --------------------------------------------------------------------------- the pieces
 
 
-def _overlay(path, source, target, registered, *, arrows, potential, weights, protect) -> None:
+def _overlay(path, source, target, registered, *, arrows, potential, weights, protect, grid=None) -> None:
     """:func:`plot_match` and :func:`plot_register`: the three clouds, by dimension."""
     source, target, registered = (_as_points(p) for p in (source, target, registered))
     check_dimension(target.shape[1])
@@ -250,6 +254,9 @@ def _overlay(path, source, target, registered, *, arrows, potential, weights, pr
         limits = _limits([source, target, registered])
         if potential is not None:
             _level_lines(ax, potential, limits)
+        if grid is not None:
+            _warped_grid(ax, grid, source)
+            limits = _limits([source, target, registered, *_line_points(ax)])
         _scatter(ax, target, TARGET, "target")
         _scatter(ax, source, SOURCE, "source")
         if arrows:
@@ -267,6 +274,34 @@ def _overlay(path, source, target, registered, *, arrows, potential, weights, pr
         fig.suptitle(title)
         _legend(fig)
     _save(fig, path, protect)
+
+
+#: lines of the warped grid in each direction, and points drawn along each
+GRID_LINES, GRID_SAMPLES = 16, 120
+
+
+def _warped_grid(ax, warp: Callable, source: np.ndarray) -> None:
+    """The image by ``warp`` of a regular grid over the source's bounding box (grey lines)."""
+    lo, hi = source.min(0), source.max(0)
+    pad = 0.05 * (hi - lo).max()
+    lo, hi = lo - pad, hi + pad
+    along = np.linspace(0.0, 1.0, GRID_SAMPLES)
+    lines = []
+    for t in np.linspace(0.0, 1.0, GRID_LINES):
+        for axis in (0, 1):
+            pts = np.empty((GRID_SAMPLES, 2))
+            pts[:, axis] = lo[axis] + t * (hi[axis] - lo[axis])
+            pts[:, 1 - axis] = lo[1 - axis] + along * (hi[1 - axis] - lo[1 - axis])
+            lines.append(pts)
+    moved = np.asarray(warp(np.concatenate(lines)), dtype=np.float64).reshape(len(lines), GRID_SAMPLES, 2)
+    for i, line in enumerate(moved):
+        ax.plot(line[:, 0], line[:, 1], color="0.72", linewidth=0.6, zorder=0,
+                label="source's grid, warped" if i == 0 else None)
+
+
+def _line_points(ax) -> list[np.ndarray]:
+    """The vertices of the lines drawn on ``ax``, as ``(K, 2)`` arrays."""
+    return [np.asarray(line.get_xydata(), dtype=np.float64) for line in ax.get_lines()]
 
 
 def _figure(rows: int, cols: int, *, width: float, height: float):
