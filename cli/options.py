@@ -48,7 +48,7 @@ Truncate = Annotated[
     float | None,
     typer.Option(
         help="multiscale: drop blocks whose plan weight is below exp(-T) of the best "
-        "(default 5 for p=2, 15 for p=1; kernels: 25)."
+        "(default 6 for p=2, 15 for p=1; kernels: 25)."
     ),
 ]
 ClusterScale = Annotated[

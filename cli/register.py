@@ -44,7 +44,7 @@ def register(
     lam: Annotated[
         float | None,
         typer.Option("--lambda", help="spline/diffeo: weight of the smoothness term (RKHS norm; kinetic "
-                     "energy for diffeo). Default 1e-3."),
+                     "energy for diffeo), per cube of side sigma. Default 0.1."),
     ] = None,
     controls: Annotated[
         str | None,

@@ -58,7 +58,7 @@ def divergence(
     init: Any = None,
     certify: bool = True,
 ) -> DivergenceResult:
-    r"""Divergence between two (weighted) point clouds, as defined in REFERENCE.md.
+    r"""Divergence between two (weighted) point clouds, as defined in docs/theory.md.
 
     Args:
         x: source points: a Measure, or an ``(N, D)`` / ``(B, N, D)`` array or tensor.

@@ -1,4 +1,4 @@
-r"""The epsilon-scaling schedule of the Sinkhorn loop, as an object (REFERENCE.md).
+r"""The epsilon-scaling schedule of the Sinkhorn loop, as an object (docs/theory.md).
 
 The temperature starts at :math:`d^p` (d the diameter of the problem) and is divided by
 :math:`\text{scaling}^{-p}` at every step until it reaches :math:`\varepsilon = \text{blur}^p`:

@@ -71,7 +71,7 @@ class Cost:
 
 @dataclass(frozen=True)
 class Kernel:
-    r"""Kernel of an MMD (REFERENCE.md, "Kernel MMDs"), sigma = blur.
+    r"""Kernel of an MMD (docs/theory.md, "Kernel MMDs"), sigma = blur.
 
     - gaussian: :math:`\exp(-\|x-y\|^2 / 2\sigma^2)`
     - laplacian: :math:`\exp(-\|x-y\| / \sigma)`

@@ -6,7 +6,7 @@ On a grid the Gibbs kernel of the cost :math:`\tfrac12\|x-y\|^2` factorises over
     \exp\big(-\|x-y\|^2/2\varepsilon\big) = \prod_{d} \exp\big(-(x_d-y_d)^2/2\varepsilon\big),
 
 so one softmin over an :math:`n_1 \times \dots \times n_D` grid is D one-dimensional
-log-domain reductions, one per axis (REFERENCE.md, "Images and volumes"). Rows and columns
+log-domain reductions, one per axis (docs/theory.md, "Images and volumes"). Rows and columns
 may live on *different* grids (another image size, another pyramid level): each axis only
 needs the coordinates of its row and column nodes, so no image is ever resampled.
 

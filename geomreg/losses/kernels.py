@@ -1,4 +1,4 @@
-r"""Kernel MMDs: energy, gaussian, laplacian (REFERENCE.md, "Kernel MMDs").
+r"""Kernel MMDs: energy, gaussian, laplacian (docs/theory.md, "Kernel MMDs").
 
 .. math::
     L(\alpha,\beta) = \tfrac12\langle a, K_{xx} a\rangle + \tfrac12\langle b, K_{yy} b\rangle

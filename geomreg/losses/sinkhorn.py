@@ -1,6 +1,6 @@
 r"""Sinkhorn divergences: the one generic loop, written against the engine contract.
 
-Definitions follow REFERENCE.md (Feydy et al. 2019, "Interpolating between optimal
+Definitions follow docs/theory.md (Feydy et al. 2019, "Interpolating between optimal
 transport and MMD using Sinkhorn divergences"; Séjourné et al. 2019 for the unbalanced
 case). Notation: :math:`\varepsilon` temperature, :math:`\rho` = reach^p (None: balanced),
 damping :math:`\lambda(\varepsilon) = 1/(1 + \varepsilon/\rho)`.

@@ -15,7 +15,7 @@ def clouds(n=25, m=18, d=3, seed=0):
 
 
 def brute_force(x, a, y, b, p, blur):
-    """REFERENCE.md's formula, term by term, in numpy float64."""
+    """docs/theory.md's formula, term by term, in numpy float64."""
     eps = blur**p
 
     def cost(u, v):

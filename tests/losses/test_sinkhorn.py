@@ -73,7 +73,7 @@ def test_default_tolerance_is_within_one_percent_of_converged():
 
 
 def test_geomloss_schedule_alone_stops_short_and_we_do_not():
-    # REFERENCE.md: GeomLoss's default stops ~13% short on uniform clouds (N = M = 2000);
+    # docs/theory.md: GeomLoss's default stops ~13% short on uniform clouds (N = M = 2000);
     # the same effect at N = M = 500.
     torch.manual_seed(0)
     x, y = torch.rand(500, 3, dtype=torch.float64), torch.rand(500, 3, dtype=torch.float64)
