@@ -115,7 +115,7 @@ def register(
     Transport finds the pose: each fit pairs every point of A with the barycentre the Sinkhorn
     plan sends it to, weighted by the mass it sends, and solves the transform in closed form;
     blurs go coarse to fine from several starting orientations (the identity and the
-    principal-axis alignments), on clouds resampled to about 500 points. A robust
+    principal-axis alignments), on clouds resampled to about 300 points. A robust
     point-to-plane refinement against the whole of B then makes it precise: every start
     screened, the best refined, the winner polished (--no-surface: skip it).
     spline / diffeo then fit a smooth warp of the whole space by the same transport pairs

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .api import divergence
+from .engine.base import Duals
 from .errors import ParameterError
 from .results import DivergenceResult
 from .timing import Stopwatch
@@ -380,7 +381,7 @@ REACH_PER_BLUR = 3.0
 #: a transport level ends once a fit moves no point by more than this many blurs
 FIT_STOP = 0.05
 #: the transport stage runs on clouds resampled to about this many points (``voxel`` unset)
-COARSE_POINTS = 500
+COARSE_POINTS = 300
 #: the surface stage's Tukey cut-offs go from this many blurs down to ``SURFACE_TO`` blurs
 SURFACE_FROM, SURFACE_TO = 4.0, 0.5
 #: the surface stage screens every start (``SCREEN_ITERATIONS`` per scale, ``SCREEN_POINTS``
@@ -665,44 +666,68 @@ def _fit_cloud(p: torch.Tensor, w: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach, kw):
     """From each start, ``fits`` transform fits per blur of ``blurs``: the poses, values, fits run.
 
-    Within a level each fit starts from the previous fit's potentials (``init``) and the level
-    ends early once a fit moves no point by more than ``FIT_STOP`` blurs. A start whose pose,
-    at the end of a level, is within ``FIT_STOP`` blurs of another start's pose at the same
-    level follows that start's path from there: it gets its pose and value without running.
+    Every start runs in one batched Sinkhorn problem per fit (a registration's problems are
+    small, and one batch of five costs little more than one). Within a level each fit starts
+    from the previous fit's potentials (``init``), and a start's level ends early once a fit
+    moves no point by more than ``FIT_STOP`` blurs (it leaves the batch until the next
+    level). A start whose pose, at the end of a level, is within ``FIT_STOP`` blurs of an
+    earlier start's pose at the same level follows that start's path from there: it gets its
+    pose and value without running.
     """
     ca, cb = _centroid(xs, kw["a"]), _centroid(ys, kw["b"])
-    poses, values, n_fits = [], [], 0
-    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per start: the pose after each level
-    for rot in rotations:
-        lin = scale0 * rot
-        t = cb - lin @ ca
-        path, twin = [], None
-        for level, sigma in enumerate(blurs):
-            r = None  # within a level each fit starts from the previous fit's potentials
-            # at a coarse blur a reach below it would drop everything: it grows with the blur
-            level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
-            for _ in range(fits):
-                z = xs @ lin.T + t
-                r = divergence(z, ys, blur=sigma, reach=level_reach, field=True, init=r, certify=False,
-                               **kw)
-                lin, t = _fit(model, xs, z + r.field.to(z), r.plan.row_mass().to(z))
-                n_fits += 1
-                if float((xs @ lin.T + t - z).norm(dim=1).max()) < FIT_STOP * sigma:
-                    break
-            path.append((lin, t))
-            twin = next((i for i, other in enumerate(seen)  # (a twin's own path ends early)
-                         if len(other) > level and _apart(xs, other[level], (lin, t)) < FIT_STOP * sigma),
-                        None)
-            if twin is not None:
+    poses = [(scale0 * rot, cb - scale0 * rot @ ca) for rot in rotations]
+    twin: dict[int, int] = {}  # start -> the earlier start it follows
+    active, n_fits = list(range(len(rotations))), 0
+    for sigma in blurs:
+        # at a coarse blur a reach below it would drop everything: it grows with the blur
+        level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
+        running, r = list(active), None  # within a level each fit starts from the previous potentials
+        for _ in range(fits):
+            z = torch.stack([xs @ poses[i][0].T + poses[i][1] for i in running])
+            r = divergence(z, ys.expand(len(running), *ys.shape), blur=sigma, reach=level_reach, field=True,
+                           init=r, certify=False, **_batched(kw, len(running)))
+            mass = _row_mass(r, kw["a"])
+            still, keep = [], []
+            for k, i in enumerate(running):
+                lin, t = _fit(model, xs, z[k] + r.field[k].to(z), mass[k].to(z))
+                moved = float((xs @ lin.T + t - z[k]).norm(dim=1).max())
+                poses[i] = (lin, t)
+                if moved >= FIT_STOP * sigma:
+                    still.append(i), keep.append(k)
+            n_fits += len(running)
+            if not still:
                 break
-        seen.append(path)
-        if twin is not None:
-            poses.append(poses[twin])
-            values.append(values[twin])
-            continue
-        poses.append((lin, t))
-        values.append(divergence(xs @ lin.T + t, ys, blur=blur, reach=reach, **kw).value.item())
-    return poses, values, n_fits
+            if len(still) < len(running):  # the stopped starts leave; their potentials too
+                r = Duals(*(None if d is None else d[keep] for d in r.duals))
+            running = still
+        for j in list(active):  # an earlier start at the same pose: follow it from here
+            i = next((i for i in active if i < j and _apart(xs, poses[i], poses[j]) < FIT_STOP * sigma), None)
+            if i is not None:
+                twin[j] = i
+        active = [i for i in active if i not in twin]
+    z = torch.stack([xs @ poses[i][0].T + poses[i][1] for i in active])
+    final = divergence(z, ys.expand(len(active), *ys.shape), blur=blur, reach=reach, certify=False,
+                       **_batched(kw, len(active)))
+    value = dict(zip(active, final.value.tolist(), strict=True))
+    for j in sorted(twin):  # a twin's twin has a smaller index: resolved first
+        poses[j], value[j] = poses[twin[j]], value[twin[j]]
+    return poses, [value[i] for i in range(len(poses))], n_fits
+
+
+def _batched(kw: dict, count: int) -> dict:
+    """``kw`` with its weights ``a`` and ``b`` (when given) repeated for a batch of ``count`` problems."""
+    return {**kw, **{k: kw[k].expand(count, len(kw[k])) for k in ("a", "b") if kw.get(k) is not None}}
+
+
+def _row_mass(r: Any, a: torch.Tensor) -> torch.Tensor:
+    r"""``(B, N)``: the mass each source point sends in batched result ``r`` (see ``TransportPlan.row_mass``).
+
+    :math:`a_i` balanced, :math:`a_i e^{-f_i/\rho}` unbalanced (:math:`f` the potential on x).
+    """
+    rho = r.params["rho"]
+    if rho is None:
+        return a.expand(r.duals.xy.shape)
+    return a.to(r.duals.xy) * torch.exp(-r.duals.xy / rho)
 
 
 def _apart(xs, pose, other) -> float:
@@ -737,7 +762,7 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
                            back=back if both else None, **options)
 
     def score(pose):
-        return surf.overlap(x_full @ pose[0].T + pose[1], target, blur, a_full, queries=REFINE_POINTS)
+        return surf.pose_overlap(source, target, *pose, blur, a_full, queries=REFINE_POINTS)
 
     screen, refine = part(SCREEN_POINTS), part(REFINE_POINTS)
     shares: list[int] = []  # per start: the screened start whose result it shares (itself if screened)

@@ -25,6 +25,8 @@ Nearest neighbours come from Open3D's search (a dependency already); nothing N x
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -140,10 +142,36 @@ def overlap(z: torch.Tensor, y: torch.Tensor | Target, scale: float, a: torch.Te
     zq, aq = z[::step_z], None if a is None else a[::step_z]
     _, d_zy = (target.index if target is not None else Index(yp)).query(zq)
     _, d_yz = Index(z).query(yp[::step_y])
-    w = tukey(d_zy[:, 0] / scale)
-    there = float(w.mean() if aq is None else (aq * w).sum() / aq.sum())
-    back = float(tukey(d_yz[:, 0] / scale).mean())
-    return 0.5 * (there + back)
+    return _both_ways(d_zy[:, 0], aq, d_yz[:, 0], scale)
+
+
+def _both_ways(d_zy: torch.Tensor, a: torch.Tensor | None, d_yz: torch.Tensor, scale: float) -> float:
+    """The mean of the biweights of the distances one way (weighted by ``a``) and back, halved."""
+    w = tukey(d_zy / scale)
+    there = float(w.mean() if a is None else (a * w).sum() / a.sum())
+    return 0.5 * (there + float(tukey(d_yz / scale).mean()))
+
+
+def pose_overlap(source: Target, target: Target, lin: torch.Tensor, t: torch.Tensor, scale: float,
+                 a: torch.Tensor | None = None, queries: int | None = None) -> float:
+    """:func:`overlap` of the source moved by ``(lin, t)`` and the target, both prepared once.
+
+    When ``lin`` is a rotation times a scale s (rigid, similarity), the moved source's nearest
+    point to a target point y is the source's nearest to the inverse image of y, at s times
+    that distance: the source's own index serves every pose (no index of the moved cloud is
+    built, 8 ms at 40 000 points). Otherwise (affine) the moved cloud is indexed.
+    """
+    x, yp = source.points, target.points
+    d = x.shape[1]
+    gram = lin.T @ lin
+    s2 = float(torch.trace(gram)) / d
+    if not float((gram - s2 * torch.eye(d, dtype=gram.dtype)).abs().max()) <= 1e-9 * s2:
+        return overlap(x @ lin.T + t, target, scale, a, queries)
+    step_z = 1 if queries is None else max(1, -(-len(x) // queries))
+    step_y = 1 if queries is None else max(1, -(-len(yp) // queries))
+    _, d_zy = target.index.query(x[::step_z] @ lin.T + t)
+    _, d_yz = source.index.query((yp[::step_y] - t) @ torch.linalg.inv(lin).T)
+    return _both_ways(d_zy[:, 0], None if a is None else a[::step_z], math.sqrt(s2) * d_yz[:, 0], scale)
 
 
 def refine(

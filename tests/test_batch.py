@@ -143,6 +143,23 @@ def test_usage_errors(folder):
     assert gone.exit_code == 1 and "none.csv" in gone.stderr
 
 
+def test_two_local_clusters_at_once_print_no_port_warning():
+    """Two batches on one machine: the second used to print "Port 8787 is already in use"."""
+    import warnings
+
+    from cli.batch import local_cluster
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = local_cluster(1), local_cluster(1)
+        try:
+            ports = {first.scheduler.http_server.port, second.scheduler.http_server.port}
+        finally:
+            first.close(), second.close()
+    assert len(ports) == 2 and 8787 not in ports
+    assert not [w for w in caught if "already in use" in str(w.message)]
+
+
 def test_local_cluster_given_by_address(folder):
     from distributed import LocalCluster
 

@@ -376,6 +376,23 @@ def test_surface_refinement_is_exact_on_one_cloud_and_undoes_a_small_motion():
         np.testing.assert_allclose(lin.numpy(), np.eye(3), atol=1e-6)
 
 
+def test_pose_overlap_equals_the_overlap_of_the_moved_cloud():
+    """Through the source's own index (rotations and similarities) or a new one (affine): equal."""
+    from geomreg.surface import Target, overlap, pose_overlap
+
+    x, y = torch.as_tensor(_bumpy(900, 1)), torch.as_tensor(_bumpy(700, 2))
+    rot = torch.as_tensor(_rotation(20, [0.2, 1, 0.4]))
+    t = torch.tensor([0.05, -0.02, 0.01], dtype=torch.float64)
+    a = torch.linspace(0.5, 1.5, 900, dtype=torch.float64)
+    shear = torch.tensor([[1.1, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    source, target = Target(x), Target(y)
+    for lin in (rot, 1.2 * rot, shear @ rot):
+        for queries in (None, 300):
+            want = overlap(x @ lin.T + t, y, 0.05, a, queries)
+            assert 0.05 < want < 0.95  # partial: the test can tell distances apart
+            assert pose_overlap(source, target, lin, t, 0.05, a, queries) == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["subsample", "crop"])
 def test_register_independent_samples_and_partial_overlap(variant):
     x = _bumpy(2000, 1)
