@@ -384,6 +384,12 @@ FIT_STOP = 0.05
 COARSE_POINTS = 300
 #: the surface stage's Tukey cut-offs go from this many blurs down to ``SURFACE_TO`` blurs
 SURFACE_FROM, SURFACE_TO = 4.0, 0.5
+#: successive cut-offs of the surface stage are at most this ratio apart (at least 5 of them)
+SURFACE_RATIO = 1.7
+#: the surface stage's cut-offs stay above this many times B's spacing (its median distance
+#: between nearest neighbours); on the bunny bench's 1000-2000-point targets, 1.5 spacings
+#: are 0.017-0.024, below the half blur (0.025) that ends the cut-offs there
+SURFACE_SPACING = 1.5
 #: the surface stage screens every start (``SCREEN_ITERATIONS`` per scale, ``SCREEN_POINTS``
 #: source points), refines the best ``SURFACE_KEEP`` on ``REFINE_POINTS`` and polishes the
 #: winner at the finest scale on ``POLISH_POINTS`` (all of them when the source has fewer)
@@ -409,7 +415,9 @@ class RegisterResult:
             counterpart).
         start: which starting orientation won (0 is the identity after centring).
         n_fits: transform fits run, over all starts (transport and surface stages).
-        values: the divergence reached from each start by the transport stage.
+        values: the divergence reached from each start by the transport stage, at its finest
+            blur (``blur``, or half the side of ``voxel`` when that is larger and the surface
+            stage follows).
         overlap: per start, the share of both clouds within ``blur`` of the other after the
             surface stage (:func:`geomreg.surface.overlap`); empty without it.
         model: the model fitted.
@@ -581,18 +589,22 @@ def register(
     wa = wa / wa.sum()
     kw = dict(kwargs, a=wa, b=wb)
     span = float(torch.cat([xs, ys]).amax(0).sub(torch.cat([xs, ys]).amin(0)).norm())
-    blurs = np.geomspace(max(span / 4, blur), blur, levels).tolist()
+    # resampled for the surface stage: transport stops at half the cubes' side (a blur far
+    # below the spacing of its points gives a near-permutation, slow to converge and no more
+    # precise than the cubes), and the surface stage starts above that (see _surface_stage)
+    coarse = max(blur, voxel / 2) if surface and voxel is not None else blur
+    blurs = np.geomspace(max(span / 4, coarse), coarse, levels).tolist()
     scale0 = 1.0
     if model != "rigid":
         scale0 = math.sqrt(_spread(ys, wb) / max(_spread(xs, wa), 1e-300))
     rotations = _starts(xs, wa, ys, wb) if starts == "auto" else [torch.eye(d, dtype=xs.dtype)]
     with clock("transport"):
-        poses, values, n_fits = _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur,
-                                                 reach, kw)
+        poses, values, n_fits = _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw)
     overlaps: list[float] = []
     if surface:
         with clock("surface"):
-            poses, overlaps, k, iters = _surface_stage(x_full, y_full, a_full, poses, model, blur, xs)
+            poses, overlaps, k, iters = _surface_stage(x_full, y_full, a_full, poses, model, blur, xs,
+                                                       coarse)
         n_fits += iters
     else:
         k = int(np.argmin(values))
@@ -663,7 +675,7 @@ def _fit_cloud(p: torch.Tensor, w: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return p, weights
 
 
-def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach, kw):
+def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw):
     """From each start, ``fits`` transform fits per blur of ``blurs``: the poses, values, fits run.
 
     Every start runs in one batched Sinkhorn problem per fit (a registration's problems are
@@ -706,7 +718,7 @@ def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, blur, reach,
                 twin[j] = i
         active = [i for i in active if i not in twin]
     z = torch.stack([xs @ poses[i][0].T + poses[i][1] for i in active])
-    final = divergence(z, ys.expand(len(active), *ys.shape), blur=blur, reach=reach, certify=False,
+    final = divergence(z, ys.expand(len(active), *ys.shape), blur=blurs[-1], reach=reach, certify=False,
                        **_batched(kw, len(active)))
     value = dict(zip(active, final.value.tolist(), strict=True))
     for j in sorted(twin):  # a twin's twin has a smaller index: resolved first
@@ -735,7 +747,7 @@ def _apart(xs, pose, other) -> float:
     return float((xs @ (pose[0] - other[0]).T + (pose[1] - other[1])).norm(dim=1).max())
 
 
-def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
+def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
     """Screen every distinct pose, refine the best ``SURFACE_KEEP`` fully, polish the winner.
 
     Screening: a short refinement (``SCREEN_ITERATIONS`` per scale) on ``SCREEN_POINTS`` of
@@ -748,8 +760,14 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs):
     """
     from . import surface as surf
 
-    scales = np.geomspace(SURFACE_FROM * blur, SURFACE_TO * blur, 5).tolist()
     target, source = surf.Target(y_full), surf.Target(x_full)
+    # cut-offs from SURFACE_FROM transport blurs down to SURFACE_TO blurs, but not below
+    # SURFACE_SPACING times B's spacing: a point's nearest point of B is about that far away
+    # even at the right pose, and a smaller cut-off leaves too few pairs to fit
+    finest = max(SURFACE_TO * blur, SURFACE_SPACING * target.spacing())
+    first = max(SURFACE_FROM * coarse, finest)
+    count = max(5, 1 + math.ceil(math.log(first / finest) / math.log(SURFACE_RATIO)))
+    scales = np.geomspace(first, finest, count).tolist()
 
     def part(count):  # a subsample of the source (points, weights, neighbour means in the scan)
         rows = _subset(len(x_full), count)  # and as many target rows, for the backward pairs

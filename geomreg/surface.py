@@ -111,6 +111,13 @@ class Target:
         self._normals = torch.zeros_like(points)
         self._done = torch.zeros(points.shape[0], dtype=torch.bool)
 
+    def spacing(self, sample: int = 500) -> float:
+        """The median distance from a point to its nearest neighbour (over ``sample`` spread points)."""
+        if self.points.shape[0] < 2:
+            return 0.0
+        step = max(1, self.points.shape[0] // sample)
+        return float(self.index.query(self.points[::step], 2)[1][:, 1].median())
+
     def planes(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tangent planes at the points ``rows``: centres and unit normals, ``(len(rows), D)`` each."""
         todo = rows[~self._done[rows]].unique()

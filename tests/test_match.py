@@ -393,6 +393,21 @@ def test_pose_overlap_equals_the_overlap_of_the_moved_cloud():
             assert pose_overlap(source, target, lin, t, 0.05, a, queries) == pytest.approx(want, rel=1e-12)
 
 
+def test_register_transport_stops_at_half_the_cube_side_when_blur_is_far_below_it():
+    """A scene in metres at the default blur (0.05): transport on cube means 10 m apart stops
+    at half their side instead of solving near-permutations; the value is still at blur 0.05."""
+    g = np.random.default_rng(3)
+    x = _bumpy(1500, 4) * 200.0  # a closed surface about 160 m across
+    y = x[g.permutation(1500)[:1200]] @ _rotation(10, [0.2, 1, 0.1]).T + [2.0, -1.0, 0.5]
+    blurs = []
+    r = geomreg.register(x, y, on_result=lambda res: blurs.append(res.params["blur"]))
+    assert r.voxel > 1.0  # resampled to about COARSE_POINTS cube means
+    assert min(blurs[:-1]) == pytest.approx(r.voxel / 2)  # transport's finest blur, values included
+    assert blurs[-1] == 0.05  # the final divergence at the blur asked for
+    truth = x @ _rotation(10, [0.2, 1, 0.1]).T + [2.0, -1.0, 0.5]
+    assert np.abs(r.registered.numpy() - truth).max() < 0.5  # the surface stage still ends precise
+
+
 @pytest.mark.parametrize("variant", ["subsample", "crop"])
 def test_register_independent_samples_and_partial_overlap(variant):
     x = _bumpy(2000, 1)
