@@ -774,10 +774,9 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
         return (x_full[rows], None if a_full is None else a_full[rows], source.planes(rows)[0],
                 _subset(len(y_full), count))
 
-    def run(pose, scales, part, both=True, **options):
+    def run(pose, scales, part):
         x, a, centres, back = part
-        return surf.refine(x, target, *pose, scales, model, a, centres, source=source,
-                           back=back if both else None, **options)
+        return surf.refine(x, target, *pose, scales, model, a, centres, source=source, back=back)
 
     def score(pose):
         return surf.pose_overlap(source, target, *pose, blur, a_full, queries=REFINE_POINTS)
@@ -786,15 +785,16 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
     shares: list[int] = []  # per start: the screened start whose result it shares (itself if screened)
     pose: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     score_of: dict[int, float] = {}
-    iters = 0
-    for j, (lin, t) in enumerate(poses):
-        twin = next((i for i in pose if _apart(xs, poses[i], (lin, t)) < 0.5 * blur), None)
+    screened: list[int] = []
+    for j in range(len(poses)):  # a start within half a blur of an earlier one: the same basin
+        twin = next((i for i in screened if _apart(xs, poses[i], poses[j]) < 0.5 * blur), None)
         shares.append(j if twin is None else twin)
-        if twin is not None:  # the same basin: the same refinement
-            continue
-        lin, t, n = run((lin, t), scales, screen, both=False, iterations=SCREEN_ITERATIONS)
-        iters += n
-        pose[j], score_of[j] = (lin, t), score((lin, t))
+        screened += [] if twin is not None else [j]
+    points, weights, centres, _ = screen  # every distinct start at once, one-way pairs
+    found, iters = surf.refine_many(points, target, [poses[i] for i in screened], scales, model, weights,
+                                    centres, SCREEN_ITERATIONS)
+    for i, p in zip(screened, found, strict=True):
+        pose[i], score_of[i] = p, score(p)
     top = max(score_of.values())
     best = [i for i in sorted(score_of, key=lambda i: -score_of[i])[:SURFACE_KEEP]
             if score_of[i] >= SURFACE_CLOSE * top]
@@ -817,9 +817,19 @@ def _subset(n: int, k: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
 
 
+#: :func:`_side_for` counts the cubes occupied by at most this many points per cube wanted
+SIDE_SAMPLE = 20
+
+
 def _side_for(points: torch.Tensor, count: int) -> float:
-    """The side of the cubes that resample ``points`` to about ``count`` occupied cubes (within 10%)."""
+    """The side of the cubes that resample ``points`` to about ``count`` occupied cubes (within 10%).
+
+    The cubes are counted on at most ``SIDE_SAMPLE * count`` evenly spread points (on the
+    80 000 points of the Stanford pair, the 11 counts of the bisection took 57 ms in all):
+    about 20 points to a cube leave few occupied cubes empty.
+    """
     lo, hi = 1e-6, float((points.amax(0) - points.amin(0)).max()) + 1e-12
+    points = points[:: max(1, len(points) // (SIDE_SAMPLE * count))]
     for _ in range(30):  # bisection on a log scale: the count falls as the side grows
         mid = math.sqrt(lo * hi)
         cells = int(_cells(points, mid).unique().numel())

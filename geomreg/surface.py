@@ -216,6 +216,28 @@ def refine(
     Returns:
         The refined ``(lin, t)`` and the number of iterations run.
     """
+    poses, iters = refine_many(x, y, [(lin, t)], scales, model, a, centres, iterations, source, back)
+    return (*poses[0], iters)
+
+
+def refine_many(
+    x: torch.Tensor,
+    y: torch.Tensor | Target,
+    poses: list[tuple[torch.Tensor, torch.Tensor]],
+    scales: list[float],
+    model: str = "rigid",
+    a: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
+    iterations: int = ITERATIONS,
+    source: Target | None = None,
+    back: torch.Tensor | None = None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """:func:`refine` from each of several ``poses`` at once: the refined poses and the iterations run.
+
+    Each pose's iterations are those :func:`refine` runs from it alone (the same results);
+    the poses still running share one search of the target per iteration (and one fit of
+    new planes), which is what an iteration on a few hundred points mostly costs.
+    """
     from .registration import _fit
 
     d = x.shape[1]
@@ -228,35 +250,44 @@ def refine(
     else:
         xc = centres if centres is not None else tangent_planes(x)[0]
     w0 = torch.ones(x.shape[0], dtype=x.dtype) if a is None else a
-    iters = 0
+    poses, iters = list(poses), 0
     for s in scales:
+        running = list(range(len(poses)))
         for _ in range(iterations):
-            z = x @ lin.T + t
-            idx, dist = target.index.query(z)
-            j = idx[:, 0]
-            w = w0 * tukey(dist[:, 0] / s)
-            if not float(w.sum()) > 0:
+            if not running:
                 break
-            if not target.has_planes:  # points on a line, or too few for planes: point-to-point
-                new_lin, new_t = _fit(model, x, y[j], w)
-            else:
-                z_c, (q, n) = xc @ lin.T + t, target.planes(j)
-                if back is not None:  # and each target point to the moved source's planes
-                    more = _backward_pairs(target, back, source, lin, t, s, float(w0.mean()))
-                    # each direction weighted by the square of its share of pairs within s: in a
-                    # crop, the side whose points all have counterparts leads (bench: 4 crop+noise+
-                    # outlier cases of 1.12, 0.68, 1.04, 0.66 deg -> 0.87, 0.60, 1.01, 0.52)
-                    w = w * _share(w) ** 2
-                    more = (*more[:3], more[3] * _share(more[3]) ** 2)
-                    z_c, q, n, w = (torch.cat(pair) for pair in zip((z_c, q, n, w), more, strict=True))
-                step, shift = _plane_step(z_c, q, n, w, model)
-                new_lin, new_t = step @ lin, step @ t + shift
-            iters += 1
-            moved = float((x @ new_lin.T + new_t - z).norm(dim=1).max())
-            lin, t = new_lin, new_t
-            if moved < STOP_SHARE * s:
-                break
-    return lin, t, iters
+            z = torch.stack([x @ poses[k][0].T + poses[k][1] for k in running])
+            idx, dist = target.index.query(z.reshape(-1, d))
+            js = idx[:, 0].reshape(len(running), -1)
+            ws = w0 * tukey(dist[:, 0].reshape(len(running), -1) / s)
+            if target.has_planes:
+                qs, ns = (p.reshape(len(running), -1, d) for p in target.planes(js.reshape(-1)))
+            still = []
+            for r, k in enumerate(running):
+                (lin, t), j, w = poses[k], js[r], ws[r]
+                if not float(w.sum()) > 0:
+                    continue
+                if not target.has_planes:  # points on a line, or too few for planes: point-to-point
+                    new_lin, new_t = _fit(model, x, y[j], w)
+                else:
+                    z_c, q, n = xc @ lin.T + t, qs[r], ns[r]
+                    if back is not None:  # and each target point to the moved source's planes
+                        more = _backward_pairs(target, back, source, lin, t, s, float(w0.mean()))
+                        # each direction weighted by the square of its share of pairs within s: in a
+                        # crop, the side whose points all have counterparts leads (bench: 4 crop+noise+
+                        # outlier cases of 1.12, 0.68, 1.04, 0.66 deg -> 0.87, 0.60, 1.01, 0.52)
+                        w = w * _share(w) ** 2
+                        more = (*more[:3], more[3] * _share(more[3]) ** 2)
+                        z_c, q, n, w = (torch.cat(pair) for pair in zip((z_c, q, n, w), more, strict=True))
+                    step, shift = _plane_step(z_c, q, n, w, model)
+                    new_lin, new_t = step @ lin, step @ t + shift
+                iters += 1
+                moved = float((x @ new_lin.T + new_t - z[r]).norm(dim=1).max())
+                poses[k] = (new_lin, new_t)
+                if moved >= STOP_SHARE * s:
+                    still.append(k)
+            running = still
+    return poses, iters
 
 
 def _share(w: torch.Tensor) -> float:

@@ -376,6 +376,20 @@ def test_surface_refinement_is_exact_on_one_cloud_and_undoes_a_small_motion():
         np.testing.assert_allclose(lin.numpy(), np.eye(3), atol=1e-6)
 
 
+def test_refine_many_gives_each_pose_what_refine_gives_it_alone():
+    from geomreg.surface import Target, refine, refine_many
+
+    x, y = torch.as_tensor(_bumpy(600, 5)), Target(torch.as_tensor(_bumpy(900, 6)))
+    zero = torch.zeros(3, dtype=torch.float64)
+    poses = [(torch.as_tensor(_rotation(deg, [1, 0.2, 0.3])), zero + 0.01 * deg) for deg in (3, 12, 40)]
+    together, iters = refine_many(x, y, poses, [0.2, 0.1, 0.05], iterations=6)
+    alone = [refine(x, y, *pose, [0.2, 0.1, 0.05], iterations=6) for pose in poses]
+    assert iters == sum(n for *_, n in alone)
+    assert len({n for *_, n in alone}) > 1  # the poses stop after different iterations
+    for (lin, t), (lin1, t1, _) in zip(together, alone, strict=True):
+        assert torch.equal(lin, lin1) and torch.equal(t, t1)
+
+
 def test_pose_overlap_equals_the_overlap_of_the_moved_cloud():
     """Through the source's own index (rotations and similarities) or a new one (affine): equal."""
     from geomreg.surface import Target, overlap, pose_overlap
