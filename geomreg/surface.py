@@ -33,8 +33,9 @@ import torch
 #: neighbours whose spread gives a target point's normal
 NORMAL_NEIGHBOURS = 12
 #: iterations at each scale; an iteration that moves no point by more than
-#: ``STOP_SHARE`` of the scale ends the scale early
-ITERATIONS, STOP_SHARE = 30, 1e-4
+#: ``STOP_SHARE`` of the scale ends the scale early (``PASS_SHARE`` before the last scale,
+#: whose pose only has to be inside the next scale's basin)
+ITERATIONS, STOP_SHARE, PASS_SHARE = 30, 1e-4, 1e-2
 #: the largest rotation of one Gauss-Newton step (radians): a step computed from few pairs
 #: can be wild, and a long rotation is better taken in several steps anyway
 MAX_TURN = 0.1
@@ -251,7 +252,8 @@ def refine_many(
         xc = centres if centres is not None else tangent_planes(x)[0]
     w0 = torch.ones(x.shape[0], dtype=x.dtype) if a is None else a
     poses, iters = list(poses), 0
-    for s in scales:
+    for last, s in enumerate(scales, 1 - len(scales)):
+        stop = (STOP_SHARE if last == 0 else PASS_SHARE) * s
         running = list(range(len(poses)))
         for _ in range(iterations):
             if not running:
@@ -284,7 +286,7 @@ def refine_many(
                 iters += 1
                 moved = float((x @ new_lin.T + new_t - z[r]).norm(dim=1).max())
                 poses[k] = (new_lin, new_t)
-                if moved >= STOP_SHARE * s:
+                if moved >= stop:
                     still.append(k)
             running = still
     return poses, iters
