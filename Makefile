@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/bench_nonrigid.py --plots
 	$(PY) bench/bench_warp.py
 	$(PY) bench/bench_batch.py
+	$(PY) bench/bench_las.py
 
 lint: setup
 	$(VENV)/bin/ruff check geomreg cli tests bench

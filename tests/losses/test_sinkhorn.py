@@ -229,6 +229,16 @@ def test_balanced_masses_must_agree():
     assert geomreg.divergence(x, y, a=a, b=0.5 * b, normalize=False, reach=0.5).value.item() > 0
 
 
+def test_normalised_float32_masses_are_never_refused():
+    """A 20 000-point sample of a 10^7-point tile and one of a 9 10^6-point tile keep their
+    weights (1e-7 and 1/9e6): normalised in float32 they summed to 1 + 6e-7 and 1 - 5e-7,
+    and the balanced problem was refused for masses that differ."""
+    g = np.random.default_rng(0)
+    x, y = g.random((20000, 3)), g.random((20000, 3))
+    r = geomreg.divergence(x, y, a=np.full(20000, 1 / 1e7), b=np.full(20000, 1 / 9e6), blur=0.2, dtype="float32")
+    assert r.value.item() > 0 and abs(r.masses[0] - 1) < 1e-6 and abs(r.masses[1] - 1) < 1e-6
+
+
 @pytest.mark.parametrize("d", [1, 5])
 def test_other_dimensions_and_batches(d):
     g = torch.Generator().manual_seed(0)
