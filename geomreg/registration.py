@@ -396,7 +396,7 @@ SURFACE_SPACING = 1.5
 SCREEN_POINTS, SCREEN_ITERATIONS, SURFACE_KEEP = 500, 6, 2
 #: a runner-up is refined too only when its screened overlap is at least this share of the best
 SURFACE_CLOSE = 0.75
-REFINE_POINTS, POLISH_POINTS = 2000, 10000
+REFINE_POINTS, POLISH_POINTS = 1000, 10000
 
 
 @dataclass(frozen=True)
@@ -599,7 +599,10 @@ def register(
         scale0 = math.sqrt(_spread(ys, wb) / max(_spread(xs, wa), 1e-300))
     rotations = _starts(xs, wa, ys, wb) if starts == "auto" else [torch.eye(d, dtype=xs.dtype)]
     with clock("transport"):
-        poses, values, n_fits = _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw)
+        # followed by the surface stage, transport only has to land in its basin: float32
+        # solves (the surface stage and the final divergence keep the caller's dtype)
+        poses, values, n_fits = _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach,
+                                                 dict(kw, dtype="float32") if surface else kw)
     overlaps: list[float] = []
     if surface:
         with clock("surface"):

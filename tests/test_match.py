@@ -376,6 +376,23 @@ def test_surface_refinement_is_exact_on_one_cloud_and_undoes_a_small_motion():
         np.testing.assert_allclose(lin.numpy(), np.eye(3), atol=1e-6)
 
 
+def test_least_direction_is_the_smallest_eigenvector():
+    from geomreg.surface import _least_direction
+
+    g = torch.Generator().manual_seed(0)
+    nb = torch.randn(500, 12, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.4, 0.01])
+    nb = nb @ torch.linalg.qr(torch.randn(500, 3, 3, generator=g, dtype=torch.float64))[0]
+    c = nb - nb.mean(1, keepdim=True)
+    cov = c.transpose(1, 2) @ c
+    want = torch.linalg.eigh(cov)[1][:, :, 0]
+    got = _least_direction(cov)
+    assert torch.allclose((got * want).sum(-1).abs(), torch.ones(500, dtype=torch.float64), atol=1e-12)
+    # a multiple of the identity, a line and nothing: any unit vector of the least eigenspace
+    flat = torch.stack([torch.eye(3), torch.diag(torch.tensor([1.0, 0, 0])), torch.zeros(3, 3)]).double()
+    v = _least_direction(flat)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3, dtype=torch.float64)) and abs(float(v[1, 0])) < 1e-12
+
+
 def test_refine_many_gives_each_pose_what_refine_gives_it_alone():
     from geomreg.surface import Target, refine, refine_many
 
