@@ -393,7 +393,7 @@ SURFACE_SPACING = 1.5
 #: the surface stage screens every start (``SCREEN_ITERATIONS`` per scale, ``SCREEN_POINTS``
 #: source points), refines the best ``SURFACE_KEEP`` on ``REFINE_POINTS`` and polishes the
 #: winner at the finest scale on ``POLISH_POINTS`` (all of them when the source has fewer)
-SCREEN_POINTS, SCREEN_ITERATIONS, SURFACE_KEEP = 500, 6, 2
+SCREEN_POINTS, SCREEN_ITERATIONS, SURFACE_KEEP = 500, 4, 2
 #: a runner-up is refined too only when its screened overlap is at least this share of the best
 SURFACE_CLOSE = 0.75
 REFINE_POINTS, POLISH_POINTS = 1000, 10000
