@@ -425,18 +425,28 @@ def test_pose_overlap_equals_the_overlap_of_the_moved_cloud():
 
 
 def test_register_transport_stops_at_half_the_cube_side_when_blur_is_far_below_it():
-    """A scene in metres at the default blur (0.05): transport on cube means 10 m apart stops
+    """A scene in metres at the default blur (0.05): transport on cube means 0.5 m apart stops
     at half their side instead of solving near-permutations; the value is still at blur 0.05."""
     g = np.random.default_rng(3)
-    x = _bumpy(1500, 4) * 200.0  # a closed surface about 160 m across
-    y = x[g.permutation(1500)[:1200]] @ _rotation(10, [0.2, 1, 0.1]).T + [2.0, -1.0, 0.5]
+    x = _bumpy(1500, 4) * 5.0  # a closed surface about 4 m across
+    y = x[g.permutation(1500)[:1200]] @ _rotation(10, [0.2, 1, 0.1]).T + [0.2, -0.1, 0.05]
     blurs = []
     r = geomreg.register(x, y, on_result=lambda res: blurs.append(res.params["blur"]))
-    assert r.voxel > 1.0  # resampled to about COARSE_POINTS cube means
+    assert r.voxel > 0.2  # resampled to about COARSE_POINTS cube means
     assert min(blurs[:-1]) == pytest.approx(r.voxel / 2)  # transport's finest blur, values included
     assert blurs[-1] == 0.05  # the final divergence at the blur asked for
-    truth = x @ _rotation(10, [0.2, 1, 0.1]).T + [2.0, -1.0, 0.5]
-    assert np.abs(r.registered.numpy() - truth).max() < 0.5  # the surface stage still ends precise
+    truth = x @ _rotation(10, [0.2, 1, 0.1]).T + [0.2, -0.1, 0.05]
+    assert np.abs(r.registered.numpy() - truth).max() < 0.05  # the surface stage still ends precise
+
+
+def test_register_surface_cutoffs_stay_above_the_spacing_of_sparse_scans():
+    """Two independent samples of a 40 m surface, about 2 m apart, at blur 0.5: cut-offs down
+    to a quarter metre left few pairs (0.12 m off at the worst point); above 1.5 spacings 0.054."""
+    x = _bumpy(1500, 4) * 50.0
+    rot, shift = _rotation(10, [0.2, 1, 0.1]), np.array([2.0, -1.0, 0.5])
+    y = _bumpy(1200, 7) * 50.0 @ rot.T + shift  # the same surface, other points
+    r = geomreg.register(x, y, blur=0.5)
+    assert np.abs(r.registered.numpy() - (x @ rot.T + shift)).max() < 0.08
 
 
 @pytest.mark.parametrize("variant", ["subsample", "crop"])
