@@ -682,7 +682,7 @@ def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw):
     """From each start, ``fits`` transform fits per blur of ``blurs``: the poses, values, fits run.
 
     Every start runs in one batched Sinkhorn problem per fit (a registration's problems are
-    small, and one batch of five costs little more than one). Within a level each fit starts
+    small: the loop's per-call work is shared by the starts). Within a level each fit starts
     from the previous fit's potentials (``init``), and a start's level ends early once a fit
     moves no point by more than ``FIT_STOP`` blurs (it leaves the batch until the next
     level). A start whose pose, at the end of a level, is within ``FIT_STOP`` blurs of an
