@@ -237,7 +237,7 @@ def test_normalised_float32_masses_are_never_refused():
     x, y = g.random((20000, 3)), g.random((20000, 3))
     a, b = np.full(20000, 1 / 1e7), np.full(20000, 1 / 9e6)
     r = geomreg.divergence(x, y, a=a, b=b, blur=0.5, dtype="float32", tol=math.inf)
-    assert r.value.item() > 0 and abs(r.masses[0] - 1) < 1e-6 and abs(r.masses[1] - 1) < 1e-6
+    assert r.value.item() > 0 and abs(r.masses[0] - 1) < 1e-5 and abs(r.masses[1] - 1) < 1e-5
 
 
 @pytest.mark.parametrize("d", [1, 5])
