@@ -21,7 +21,9 @@ TargetArg = Annotated[
 ]
 Loss = Annotated[str, typer.Option(help=LOSS_HELP)]
 P = Annotated[int, typer.Option("--p", help="Cost exponent: 1 (|x-y|) or 2 (|x-y|^2/2).")]
-Blur = Annotated[float, typer.Option(help="Blur sigma: eps = blur^p; kernel width for gaussian/laplacian.")]
+BLUR_HELP = ("Blur sigma, a length in the inputs' units (the default suits shapes about 1 across): "
+             "eps = blur^p; kernel width for gaussian/laplacian.")
+Blur = Annotated[float, typer.Option(help=BLUR_HELP)]
 Reach = Annotated[
     float | None, typer.Option(help="Unbalanced OT with rho = reach^p (sinkhorn). Default: balanced.")
 ]
