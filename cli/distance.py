@@ -155,10 +155,12 @@ def distance(
         record.update(a=str(a), b=str(b), mass=mass, keep_mass=keep_mass, **rerun)
         print_data(dumps(record) if json_out else repr(result.value.item()))
         if not result.converged:
-            warn(
-                f"not converged after {result.n_iter} iterations: marginal error "
-                f"{result.marginal_error:.3g} > --tol {tol:g}; raise --max-iter or --blur"
-            )
+            # stopped before --max-iter: the error stopped falling, at the dtype's rounding floor
+            advice = ("raise --max-iter or --blur" if result.n_iter >= max_iter else
+                      "it stopped falling (rounding at this blur): try --dtype float64, a larger "
+                      "--blur or --tol")
+            warn(f"not converged after {result.n_iter} iterations: marginal error "
+                 f"{result.marginal_error:.3g} > --tol {tol:g}; {advice}")
             raise typer.Exit(EXIT_NOT_CONVERGED)
 
 

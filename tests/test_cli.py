@@ -1032,6 +1032,23 @@ def test_not_converged_exit_3_subprocess(clouds):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_stalled_float32_run_stops_early_and_says_why(tmp_path):
+    """300 points at blur 0.005 in float32: the marginal error stops falling near 1e-2, the
+    rounding floor; the loop stops there (about 1500 iterations, not 5000) and says so."""
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", g.random((300, 3), dtype=np.float32))
+    np.save(tmp_path / "b.npy", g.random((300, 3), dtype=np.float32) + np.float32(0.2))
+    res = runner.invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--blur", "0.005",
+                              "--json"])
+    assert res.exit_code == 3, res.output
+    record = json.loads(res.stdout)
+    assert not record["converged"] and record["n_iter"] < 5000 and record["marginal_error"] > 1e-3
+    assert "stopped falling" in res.stderr and "--dtype float64" in res.stderr
+    short = runner.invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--blur", "0.005",
+                                "--max-iter", "100"])
+    assert short.exit_code == 3 and "raise --max-iter" in short.stderr
+
+
 SUBPROCESS_FAILURES = [
     ("missing_a", 1),
     ("suffix", 1),

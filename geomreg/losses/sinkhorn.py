@@ -130,6 +130,15 @@ class Anderson:
         return mixed.to(g_next.dtype)
 
 
+#: the converge phase stops (not converged) once its error has not fallen by ``STALL_GAIN``
+#: below its best for ``STALL`` iterations while that best is within ``STALL_FLOOR`` times
+#: the dtype's rounding floor (machine epsilon times the largest cost over eps): more
+#: iterations cannot help there. In float32, 2000 points at blur 0.005 (floor 1e-2) stalled
+#: at a marginal error of 2.8e-3 from iteration 1000 on and spent all 3000 allowed
+#: iterations there (49 s). Far from the floor a flat error is only slow progress: 300
+#: points 11 apart at blur 0.05 in float64 stay near 7e-3 for 200 iterations, then converge
+STALL, STALL_GAIN, STALL_FLOOR = 200, 0.01, 10.0
+
 #: the pair on whose rows lives the potential that each update reads: f_ba (rows of xy) is
 #: updated from g_ab (rows of yx), and so on; the symmetric problems update from themselves
 _SOURCE = {"xy": "yx", "yx": "xy", "xx": "xx", "yy": "yy"}
@@ -203,7 +212,9 @@ def sinkhorn_loss(
         else:
             run.set_level(levels.finest)
             duals = check_init(init, x, y, debias)
-        duals = run.converge(duals, eps, max_iter, same)
+        # the marginal error's rounding floor in this dtype, at most: eps_dtype * max C / eps
+        floor = torch.finfo(x.dtype).eps * cost_max(x, y, p) / eps
+        duals = run.converge(duals, eps, max_iter, same, floor)
         if same:  # the same pairs too: the two problems' final updates are bit for bit equal
             duals = duals._replace(xy=duals.xx, yx=duals.yy)
             run.pairs = run.pairs._replace(xy=run.pairs.xx, yx=run.pairs.yy)
@@ -356,7 +367,7 @@ class _Run:
         self.set_level(level)
         return moved
 
-    def converge(self, duals: Duals, eps: float, max_iter: int, same: bool) -> Duals:
+    def converge(self, duals: Duals, eps: float, max_iter: int, same: bool, floor: float = 0.0) -> Duals:
         """Iterate at the final eps until every marginal error is <= tol (or ``max_iter``).
 
         The (a, b) problem: Sinkhorn's map on the column potential, g -> T(f) with f = T(g),
@@ -371,6 +382,7 @@ class _Run:
         err_sym = dict.fromkeys(self.keys[2:], math.inf)
         err_ab = 0.0 if same else math.inf
         mixer, g = Anderson(), duals.yx
+        best, best_at = math.inf, self.n_iter  # the stall rule (STALL)
         while self.n_iter + 1 < max_iter:  # the final step counts too
             self.n_iter += 1
             changes = []
@@ -392,6 +404,10 @@ class _Run:
             self.log("converge", eps, _change(*changes) if changes else 0.0, err)
             if err <= self.tol:
                 break  # (f, g) is the state whose errors were measured
+            if err < (1 - STALL_GAIN) * best:
+                best, best_at = err, self.n_iter
+            elif self.n_iter - best_at >= STALL and best <= STALL_FLOOR * floor:
+                break  # the rounding floor: more iterations would not lower the error
             if not same:
                 g = mixer.step(g, gt, err_ab)
         return duals if same or self.rho is not None else self.gauge(duals)
