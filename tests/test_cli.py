@@ -1038,14 +1038,13 @@ def test_a_stalled_float32_run_stops_early_and_says_why(tmp_path):
     g = np.random.default_rng(0)
     np.save(tmp_path / "a.npy", g.random((300, 3), dtype=np.float32))
     np.save(tmp_path / "b.npy", g.random((300, 3), dtype=np.float32) + np.float32(0.2))
-    res = runner.invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--blur", "0.005",
-                              "--json"])
+    pair = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--blur", "0.005"]
+    res = runner.invoke(app, ["distance", *pair, "--json"])
     assert res.exit_code == 3, res.output
     record = json.loads(res.stdout)
     assert not record["converged"] and record["n_iter"] < 5000 and record["marginal_error"] > 1e-3
     assert "stopped falling" in res.stderr and "--dtype float64" in res.stderr
-    short = runner.invoke(app, ["distance", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--blur", "0.005",
-                                "--max-iter", "100"])
+    short = runner.invoke(app, ["distance", *pair, "--max-iter", "100"])
     assert short.exit_code == 3 and "raise --max-iter" in short.stderr
 
 
