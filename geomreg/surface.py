@@ -102,7 +102,8 @@ def _plane_fit(nb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _least_direction(cov: torch.Tensor) -> torch.Tensor:
     r"""``(M, 3)`` unit eigenvectors of the smallest eigenvalues of symmetric PSD matrices ``(M, 3, 3)``.
 
-    In closed form, 10 times faster than a batched ``eigh`` on a thousand matrices: the
+    In closed form, 3 times faster than a batched ``eigh`` (0.69 against 2.0 ms on 2000
+    matrices, 2 threads): the
     smallest eigenvalue from the trigonometric solution of the characteristic cubic (Smith
     1961), :math:`\lambda = q + 2p\cos(\arccos(\det B / 2)/3 + 2\pi/3)` with
     :math:`q = \operatorname{tr} A / 3`, :math:`p^2 = \|A - qI\|_F^2 / 6`,
@@ -177,12 +178,16 @@ def overlap(z: torch.Tensor, y: torch.Tensor | Target, scale: float, a: torch.Te
     """
     target = y if isinstance(y, Target) else None
     yp = y.points if isinstance(y, Target) else y
-    step_z = 1 if queries is None else max(1, -(-len(z) // queries))
-    step_y = 1 if queries is None else max(1, -(-len(yp) // queries))
+    step_z, step_y = _stride(len(z), queries), _stride(len(yp), queries)
     zq, aq = z[::step_z], None if a is None else a[::step_z]
     _, d_zy = (target.index if target is not None else Index(yp)).query(zq)
     _, d_yz = Index(z).query(yp[::step_y])
     return _both_ways(d_zy[:, 0], aq, d_yz[:, 0], scale)
+
+
+def _stride(n: int, queries: int | None) -> int:
+    """The step that takes at most ``queries`` of ``n`` rows, evenly spaced (1: all of them)."""
+    return 1 if queries is None else max(1, -(-n // queries))
 
 
 def _both_ways(d_zy: torch.Tensor, a: torch.Tensor | None, d_yz: torch.Tensor, scale: float) -> float:
@@ -207,8 +212,7 @@ def pose_overlap(source: Target, target: Target, lin: torch.Tensor, t: torch.Ten
     s2 = float(torch.trace(gram)) / d
     if not float((gram - s2 * torch.eye(d, dtype=gram.dtype)).abs().max()) <= 1e-9 * s2:
         return overlap(x @ lin.T + t, target, scale, a, queries)
-    step_z = 1 if queries is None else max(1, -(-len(x) // queries))
-    step_y = 1 if queries is None else max(1, -(-len(yp) // queries))
+    step_z, step_y = _stride(len(x), queries), _stride(len(yp), queries)
     _, d_zy = target.index.query(x[::step_z] @ lin.T + t)
     _, d_yz = source.index.query((yp[::step_y] - t) @ torch.linalg.inv(lin).T)
     return _both_ways(d_zy[:, 0], None if a is None else a[::step_z], math.sqrt(s2) * d_yz[:, 0], scale)
