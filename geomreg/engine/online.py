@@ -27,6 +27,7 @@ a measure of a single point is padded with a second point that contributes nothi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -41,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no file locks
+    fcntl = None
 
 from .._stdio import stdout_to_stderr
 from ..errors import BackendUnavailable, ParameterError
@@ -61,11 +67,14 @@ def _lazy_tensor() -> Any:
         try:
             with stdout_to_stderr(), _import_lock():
                 import pykeops
-            # pykeops.torch reads files of the build folder that a compiling process writes
-            with stdout_to_stderr(), _folder_lock(Path(pykeops.get_build_folder())):
-                from pykeops.torch import LazyTensor
 
-                pykeops.set_verbose(False)
+                # pykeops.torch reads files of the build folder that a compiling process writes
+                with _folder_lock(Path(pykeops.get_build_folder())):
+                    from pykeops.torch import LazyTensor
+
+                    pykeops.set_verbose(False)
+                    _lock_binders()
+                atexit.register(_hold_import_lock)
         finally:
             for k in quiet:
                 os.environ.pop(k, None)
@@ -83,13 +92,8 @@ def _import_lock() -> Iterator[None]:
     folder (``$XDG_CACHE_HOME/geomreg`` or ``~/.cache/geomreg``), known before pykeops is;
     where it cannot be created, or without ``fcntl``, there is no lock.
     """
-    try:
-        import fcntl
-
-        folder = cache_folder()
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / "pykeops-import.lock", "a")  # noqa: SIM115 - held across the yield
-    except (ImportError, OSError):
+    fh = _import_lock_file()
+    if fh is None:
         yield
         return
     with fh:
@@ -100,6 +104,33 @@ def _import_lock() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _import_lock_file() -> Any:
+    """``pykeops-import.lock`` in geomreg's cache folder, open; None without ``fcntl`` or access."""
+    if fcntl is None:
+        return None
+    try:
+        folder = cache_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / "pykeops-import.lock", "a")  # noqa: SIM115 - the caller closes it
+    except OSError:
+        return None
+
+
+def _hold_import_lock() -> None:
+    """At exit, take :func:`_import_lock`'s lock and keep it until the process ends.
+
+    KeOps saves its caches' index files (pickles in the build folder) at exit, unlocked and
+    in place; a process importing pykeops at that moment reads them. This handler is
+    registered after pykeops' own, so it runs before them (exit handlers run last-in,
+    first-out): the saves then happen under the lock that imports take, which the system
+    releases when the process ends.
+    """
+    fh = _import_lock_file()
+    if fh is not None:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        _state["exit_lock"] = fh  # never closed: the lock ends with the process
+
+
 def _show_notice() -> None:
     """Print :data:`COMPILE_NOTICE` on stderr, once per process."""
     if not _state["notice_shown"]:
@@ -108,15 +139,9 @@ def _show_notice() -> None:
 
 
 def _reduce(key: tuple, reduction: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run one KeOps reduction with stdout redirected; the compile notice comes first, once.
-
-    The first run of each formula ``key`` in this process holds :func:`compile_lock`, so
-    that processes sharing KeOps' cache never compile the same formula at the same time
-    (KeOps issue 168: parallel compilations collide); later runs take no lock.
-    """
+    """Run one KeOps reduction with stdout redirected; the compile notice comes first, once."""
     _show_notice()
-    guard = contextlib.nullcontext() if key in _seen_formulas else compile_lock()
-    with guard, stdout_to_stderr():
+    with stdout_to_stderr():
         out = reduction()
     _seen_formulas.add(key)
     return out
@@ -126,26 +151,55 @@ def _reduce(key: tuple, reduction: Callable[[], torch.Tensor]) -> torch.Tensor:
 _seen_formulas: set[tuple] = set()
 
 
-@contextlib.contextmanager
-def compile_lock() -> Iterator[None]:
-    """An exclusive lock shared by every process using this KeOps cache folder.
+class _LockedBinder:
+    """One of KeOps' binders, whose first load of each formula holds the build folder's lock.
 
-    A file lock (``fcntl.flock``) on ``.geomreg-compile.lock`` in KeOps' build folder; where
-    ``fcntl`` does not exist (Windows) it is a no-op.
+    A binder (``pykeops.common.keops_io.keops_binder[...]``) is KeOps' per-process cache of
+    loaded formulas: on a formula's first use it compiles the formula's shared library unless
+    the file exists, then imports it. A process that finds the file while another one is still
+    writing it imports a half-written library ("ImportError: ... file too short", seen with two
+    test workers sharing a fresh cache; KeOps issue 168). Every reduction goes through a
+    binder, the forward ones geomreg runs and the backward ones torch's autograd runs, so the
+    lock here covers both; each formula takes it once per process, later calls take no lock.
     """
-    _lazy_tensor()  # pykeops imported: its build folder is known
-    import pykeops
 
-    with _folder_lock(Path(pykeops.get_build_folder())):
-        yield
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.loaded: set[str] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        key = "".join(map(str, args))
+        if key in self.loaded:
+            return self.inner(*args)
+        import pykeops
+
+        with _folder_lock(Path(pykeops.get_build_folder())):
+            out = self.inner(*args)
+        self.loaded.add(key)
+        return out
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """KeOps' reset (a new build folder): formulas load again, under the lock."""
+        self.loaded.clear()
+        self.inner.reset(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _lock_binders() -> None:
+    """Wrap each of KeOps' binders in a :class:`_LockedBinder` (once per process)."""
+    from pykeops.common.keops_io import keops_binder
+
+    for name, binder in list(keops_binder.items()):
+        if not isinstance(binder, _LockedBinder):
+            keops_binder[name] = _LockedBinder(binder)
 
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """The exclusive file lock ``.geomreg-compile.lock`` of a KeOps build folder (not reentrant)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if fcntl is None:  # pragma: no cover - Windows
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ KeOps compiles every new formula (and every backward formula) on first use, ~7 s
 the tests share one dimension (D = 3), float64, and as few formulas as possible.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -272,17 +273,23 @@ def test_warmup_command_compiles_forward_and_backward_and_reports(tmp_path):
 
 
 def test_parallel_first_compilations_do_not_collide(tmp_path):
-    """Three processes compile the same new formula in a fresh KeOps folder at once."""
+    """Three processes compile the same new formulas in a fresh KeOps folder at once.
+
+    The forward formula and the backward one (compiled inside torch's autograd) both: without
+    a lock around the backward one, a process imported another's half-written library
+    ("ImportError: ... file too short").
+    """
     script = tmp_path / "job.py"
     script.write_text(
         "import sys, torch, pykeops\n"
         f"pykeops.set_build_folder({str(tmp_path / 'keops')!r})\n"
         "import geomreg\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "x = torch.rand(30, 2, generator=g, dtype=torch.float64)\n"
+        "x = torch.rand(30, 2, generator=g, dtype=torch.float64).requires_grad_(True)\n"
         "y = torch.rand(20, 2, generator=g, dtype=torch.float64)\n"
         "r = geomreg.divergence(x, y, loss='laplacian', blur=0.3, backend='online')\n"
-        "print(repr(r.value.item()))\n"
+        "(gx,) = torch.autograd.grad(r.value, x)\n"
+        "print(repr(r.value.item()), repr(gx.abs().sum().item()))\n"
     )
     procs = [
         subprocess.Popen(
@@ -294,6 +301,55 @@ def test_parallel_first_compilations_do_not_collide(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
     values = {o[0].strip() for o in outs}
     assert len(values) == 1
+
+
+def test_each_formula_loads_once_under_the_folder_lock(monkeypatch):
+    held = {"now": False}
+    events = []
+
+    @contextlib.contextmanager
+    def fake_lock(folder):
+        held["now"] = True
+        yield
+        held["now"] = False
+
+    def inner(*args):
+        events.append((args, held["now"]))
+        return len(events)
+
+    inner.reset = lambda *a, **k: events.append(("reset", held["now"]))
+    monkeypatch.setattr(online_module, "_folder_lock", fake_lock)
+    binder = online_module._LockedBinder(inner)
+    binder("f", 1)
+    binder("f", 1)
+    binder("g", 1)
+    binder.reset()
+    binder("f", 1)
+    first, again, other, reset, after_reset = events
+    assert first == (("f", 1), True) and again == (("f", 1), False) and other == (("g", 1), True)
+    assert reset == ("reset", False) and after_reset == (("f", 1), True)
+
+
+def test_backward_reductions_go_through_the_locked_binders(monkeypatch):
+    """autograd's backward formulas load through the same (locked) binders as forward ones."""
+    online_module._lazy_tensor()
+    from pykeops.common.keops_io import keops_binder
+
+    assert all(isinstance(b, online_module._LockedBinder) for b in keops_binder.values())
+    formulas = []
+    locked = keops_binder["cpp"]
+
+    def spy(*args):
+        formulas.append(" ".join(map(str, args)))
+        return locked(*args)
+
+    monkeypatch.setitem(keops_binder, "cpp", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(30, 3, generator=g).requires_grad_(True)
+    y = torch.rand(20, 3, generator=g)
+    r = geomreg.divergence(x, y, blur=0.3, backend="online")
+    torch.autograd.grad(r.value, x)
+    assert formulas and any("Grad" in f for f in formulas)
 
 
 @pytest.mark.parametrize("p,formula", [(2, "SqDist(X,Y)/2"), (1, "Norm2(X-Y)")])
