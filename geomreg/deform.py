@@ -74,6 +74,9 @@ MAX_CONTROLS = 2000
 FIT_STOP = 0.05
 #: L-BFGS iterations per outer iteration of the diffeomorphism
 DIFFEO_LBFGS = 8
+#: the diffeomorphism's surrogate is fitted on the weighted means of cubes of this many sigmas
+#: (see :func:`_cell_means`)
+DIFFEO_CELL = 0.25
 #: time steps of the geodesic shooting (explicit Euler on unit time)
 DIFFEO_STEPS = 10
 #: rows of the N x K kernel matrices computed at once when warping many points
@@ -338,6 +341,7 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     lam = lam / len(torch.unique(_cells(z, sigma), dim=0))  # per cube of side sigma
     gram = gaussian(c, c, sigma)
     g = gaussian(z, c, sigma) if kind == "spline" else None
+    cells = None if kind == "spline" else torch.unique(_cells(z, DIFFEO_CELL * sigma), return_inverse=True)[1]
     span = float(torch.cat([z, y]).amax(0).sub(torch.cat([z, y]).amin(0)).norm())
     blurs = np.geomspace(max(min(span / 8, WARP_FROM * blur), blur), blur, levels).tolist()
     moved, coef, n_fits, trace = z, torch.zeros_like(c), 0, []
@@ -349,18 +353,22 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
             coef = _spline_step(g, gram, z, target, w, lam)
             now = z + g @ coef
         else:
-            coef = _diffeo_step(c, coef, z, target, w, lam, sigma, steps)
+            coef = _diffeo_step(c, coef, *_cell_means(cells, z, target, w), lam, sigma, steps)
             now = _flow_points(z, _shoot(c, coef, sigma, steps), sigma).detach()
         n_fits += 1
         shift = float((now - moved).norm(dim=1).max())
         moved = now
         return shift
 
+    # followed by the nearest-neighbour stage, transport only has to bring the warp into its
+    # basin: float32, where the compiled multiscale kernel runs (as register's transport stage)
+    loop_kw = kw if surface is None else dict(kw, dtype="float32")
     for eps in blurs:
         r = None  # the potentials of one blur warm-start the next fit at that blur only
         level_reach = None if reach is None else max(reach, REACH_PER_BLUR * eps)
         for _ in range(fits):
-            r = divergence(moved, y, blur=eps, reach=level_reach, field=True, init=r, certify=False, **kw)
+            r = divergence(moved, y, blur=eps, reach=level_reach, field=True, init=r, certify=False,
+                           **loop_kw)
             if improve(moved + r.field.to(moved), r.plan.row_mass().to(moved)) < FIT_STOP * eps:
                 break
         trace.append({"blur": eps, "fits": n_fits, "value": float(r.value)})
@@ -387,6 +395,23 @@ def _spline_step(g, gram, z, target, w, lam):
     lhs = lhs + 1e-10 * float(lhs.diagonal().mean()) * torch.eye(len(gram), dtype=lhs.dtype)
     rhs = gw.T @ (target - z)
     return torch.linalg.solve(lhs, rhs)
+
+
+def _cell_means(cells: torch.Tensor, z: torch.Tensor, target: torch.Tensor, w: torch.Tensor):
+    r"""The surrogate's data on cubes: per cube, the weighted means of ``z`` and ``target`` and their mass.
+
+    Within a cube of mass :math:`W` and weighted means :math:`\bar z, \bar y`,
+    :math:`\sum_i w_i |\phi(z_i) - y_i|^2 = W |\phi(\bar z) - \bar y|^2 + \sum_i w_i
+    |(\phi(z_i) - \phi(\bar z)) - (y_i - \bar y)|^2`, the cross term vanishing when
+    :math:`\phi` is affine on the cube; the last sum, the cube's inner mismatch, is what the
+    means leave out. Cubes with no mass are dropped.
+    """
+    k = int(cells.max()) + 1
+    mass = torch.zeros(k, dtype=z.dtype).index_add_(0, cells, w)
+    zs = torch.zeros(k, z.shape[1], dtype=z.dtype).index_add_(0, cells, z * w[:, None])
+    ts = torch.zeros(k, z.shape[1], dtype=z.dtype).index_add_(0, cells, target * w[:, None])
+    keep = mass > 0
+    return zs[keep] / mass[keep, None], ts[keep] / mass[keep, None], mass[keep]
 
 
 def _diffeo_step(c, p0, z, target, w, lam, sigma, steps):

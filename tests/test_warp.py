@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from geomreg.deform import Warp, gaussian
+from geomreg.deform import Warp, _cell_means, gaussian
 from geomreg.errors import InputError, ParameterError
 from geomreg.registration import register
 
@@ -17,6 +17,26 @@ def _case():
     alpha = torch.tensor([[0.0, 0.12], [0.1, 0.0], [-0.05, -0.08]], dtype=torch.float64)
     truth = x + (gaussian(torch.as_tensor(x), c, 0.5) @ alpha).numpy()
     return x, truth
+
+
+def test_cube_means_split_the_surrogate_exactly_for_affine_maps():
+    """sum_i w_i |phi(z_i) - t_i|^2 = sum_c W_c |phi(zbar_c) - tbar_c|^2 + the cubes' inner mismatch."""
+    g = torch.Generator().manual_seed(0)
+    z, t = (torch.rand(500, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.rand(500, generator=g, dtype=torch.float64)
+    w[:40] = 0.0  # cubes may hold only massless points: dropped
+    cells = torch.unique(torch.floor(z / 0.2).long(), dim=0, return_inverse=True)[1]
+    zs, ts, mass = _cell_means(cells, z, t, w)
+    assert mass.sum().item() == pytest.approx(w.sum().item()) and bool((mass > 0).all())
+    assert torch.allclose((zs * mass[:, None]).sum(0), (z * w[:, None]).sum(0))
+    for seed in (1, 2):
+        a = torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        full = (w * ((z @ a.T + 0.1) - t).pow(2).sum(1)).sum()
+        means = (mass * ((zs @ a.T + 0.1) - ts).pow(2).sum(1)).sum()
+        kept = torch.unique(cells[w > 0])  # the cubes kept, in the order of the means
+        back = torch.searchsorted(kept, cells).clamp_max(len(kept) - 1)  # massless points: any
+        inner = (w * ((z - zs[back]) @ a.T - (t - ts[back])).pow(2).sum(1)).sum()
+        assert full.item() == pytest.approx((means + inner).item(), rel=1e-12)
 
 
 @pytest.fixture(scope="module")
