@@ -384,7 +384,8 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
                     break
         trace.append({"surface": True, "fits": n_fits})
     warp = Warp(kind, base.matrix, c, coef.detach(), sigma, steps if kind == "diffeo" else 0)
-    final = divergence(moved, y, blur=blur, reach=reach, certify=False, **kw)
+    # the value at the fitted warp, from the last solve's potentials (at this blur: the schedule is skipped)
+    final = divergence(moved, y, blur=blur, reach=reach, certify=False, init=r, **kw)
     return Fit(warp, float(final.value), warp.smoothness(), n_fits, trace)
 
 
