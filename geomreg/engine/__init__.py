@@ -78,11 +78,31 @@ _DENSE_MATRICES = 4
 #: Sinkhorn took 0.64 s dense vs 1.85 s online at 2000 x 2000 and 4.4 s vs 11.1 s at
 #: 5000 x 5000.
 _GPU_DENSE_MAX_PAIRS = 5000 * 5000
-#: On the CPU, ``auto`` leaves the dense backend above this many pairs for multiscale.
-#: Measured (2 cores, float32, blur 0.05, default tol, uniform 3-D clouds): dense vs
-#: multiscale 0.68 s vs 0.78 s at 2000^2, 4.46 s vs 1.82 s at 5000^2, 18.9 s vs 6.8 s at
-#: 10000^2, the same values to 7 digits.
-_DENSE_MAX_PAIRS = 3000 * 3000
+#: On the CPU, ``auto`` leaves the dense backend above this many pairs for multiscale (in
+#: float64, or without the compiled multiscale kernel). Measured (2 cores, blur 0.05,
+#: default tol, uniform 3-D clouds, best of 3), dense vs multiscale: float64 0.16 s vs 0.30 s
+#: at 1000^2, 0.67 s vs 0.58 s at 2000^2, 1.79 s vs 0.83 s at 3000^2; float32 without the
+#: kernel (torch blocks) 0.39 s vs 0.52 s at 2000^2, 0.90 s vs 0.64 s at 3000^2. The same
+#: values to 7 digits.
+_DENSE_MAX_PAIRS = 2000 * 2000
+#: ... and above this many in float32 where the compiled kernel runs (:mod:`.native`):
+#: dense vs multiscale 0.106 s vs 0.107 s at 1000^2, 0.37 s vs 0.18 s at 2000^2, 0.97 s vs
+#: 0.28 s at 3000^2 (3-D; 2-D: 0.084 / 0.083, 0.31 / 0.12, 0.67 / 0.16 s); with a gradient
+#: (the loop runs without one) 0.13 / 0.16, 0.53 / 0.28, 1.97 / 0.39 s.
+_DENSE_MAX_PAIRS_NATIVE = 1000 * 1000
+
+
+def _cpu_dense_limit(pairs: int, itemsize: int, batch: int, dim: int) -> int:
+    """The most pairs ``auto`` runs dense on the CPU: fewer where the compiled multiscale kernel applies.
+
+    The kernel is looked for (and built, once) only when the answer depends on it.
+    """
+    native_limit = min(_DENSE_MAX_PAIRS, _DENSE_MAX_PAIRS_NATIVE)
+    if not (itemsize == 4 and batch == 1 and dim <= 3 and native_limit < pairs <= _DENSE_MAX_PAIRS):
+        return _DENSE_MAX_PAIRS
+    from . import native
+
+    return native_limit if native.kernel() is not None else _DENSE_MAX_PAIRS
 
 
 def available_backends() -> list[str]:
@@ -139,7 +159,8 @@ def choose_backend(
        fit in memory; ``online`` after checking that KeOps works here);
     2. a cost given as a KeOps formula needs ``online``;
     3. ``auto`` takes ``tensorized`` when its dense matrices fit in the available memory
-       and N x M is at most ``_DENSE_MAX_PAIRS`` (CPU) or ``_GPU_DENSE_MAX_PAIRS`` (GPU);
+       and N x M is at most ``_DENSE_MAX_PAIRS`` (CPU; ``_DENSE_MAX_PAIRS_NATIVE`` in
+       float32 where the compiled multiscale kernel runs) or ``_GPU_DENSE_MAX_PAIRS`` (GPU);
     4. on the CPU, ``multiscale`` for one pair of clouds in D <= 3 (pure torch: it needs
        no compiler);
     5. ``online`` if KeOps works here (pykeops and a C++ compiler);
@@ -168,7 +189,7 @@ def choose_backend(
         get_backend("online")
         return BackendChoice("online", "the cost is a KeOps formula")
     dense_problem = _dense_problem(n, m, itemsize, memory_bytes, self_pairs)
-    limit = _GPU_DENSE_MAX_PAIRS if device_type != "cpu" else _DENSE_MAX_PAIRS
+    limit = _GPU_DENSE_MAX_PAIRS if device_type != "cpu" else _cpu_dense_limit(n * m, itemsize, batch, dim)
     if dense_problem is None and n * m <= limit:
         return BackendChoice("tensorized", f"dense matrices of {n}x{m} fit in memory")
     why_not_dense = dense_problem or f"{n}x{m} pairs exceed the dense limit of {limit:.3g} pairs"

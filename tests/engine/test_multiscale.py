@@ -292,9 +292,19 @@ def test_refusals_are_parameter_errors():
         geomreg.divergence(x, y, backend="tensorized", truncate=3.0)
 
 
-def test_auto_takes_multiscale_for_large_3d_problems():
-    small = choose_backend("auto", n=2000, m=2000, dim=3, itemsize=4, memory_bytes=2**50)
+def test_auto_takes_multiscale_for_large_3d_problems(monkeypatch):
+    from geomreg.engine import native
+
+    small = choose_backend("auto", n=1000, m=1000, dim=3, itemsize=4, memory_bytes=2**50)
     assert small.name == "tensorized"
+    # float32 with the compiled kernel: multiscale from 1000^2 pairs; float64: from 2000^2
+    mid32 = choose_backend("auto", n=2000, m=1000, dim=2, itemsize=4, memory_bytes=2**50)
+    assert mid32.name == ("multiscale" if native.kernel() is not None else "tensorized")
+    assert choose_backend("auto", n=2000, m=2000, dim=3, itemsize=8, memory_bytes=2**50).name == "tensorized"
+    assert choose_backend("auto", n=2000, m=2001, dim=3, itemsize=8, memory_bytes=2**50).name == "multiscale"
+    monkeypatch.setattr(native, "kernel", lambda: None)  # no compiler: torch blocks, float64's limit
+    assert choose_backend("auto", n=2000, m=1000, dim=3, itemsize=4, memory_bytes=2**50).name == "tensorized"
+    assert choose_backend("auto", n=2000, m=2001, dim=3, itemsize=4, memory_bytes=2**50).name == "multiscale"
     big = choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50)
     assert big.name == "multiscale" and big.fallback is None
     no_room = choose_backend("auto", n=4000, m=4000, dim=3, itemsize=4, memory_bytes=2**20)

@@ -219,7 +219,7 @@ def test_probe_subprocess_outcomes(monkeypatch, code, reason):
 
 
 def test_auto_picks_online_for_large_problems():
-    small = choose_backend("auto", n=2000, m=2000, dim=3, itemsize=4, memory_bytes=2**50)
+    small = choose_backend("auto", n=1000, m=1000, dim=3, itemsize=4, memory_bytes=2**50)
     assert small.name == "tensorized"
     # on the CPU, multiscale takes one pair of 3-D clouds; online the rest (batches, D > 3)
     big_cpu = choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50)
