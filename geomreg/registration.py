@@ -390,6 +390,11 @@ SURFACE_RATIO = 1.7
 #: between nearest neighbours); on the bunny bench's 1000-2000-point targets, 1.5 spacings
 #: are 0.017-0.024, below the half blur (0.025) that ends the cut-offs there
 SURFACE_SPACING = 1.5
+#: ... and above this many times the residual scale that the clouds' noise gives (the root
+#: sum of squares of :meth:`~geomreg.surface.Target.noise` for A and B): Tukey's constant,
+#: the cut-off at which his biweight keeps 95 % of the efficiency of least squares on
+#: gaussian residuals; a smaller one discards good pairs of noisy scans
+SURFACE_NOISE = 4.685
 #: the surface stage screens every start (``SCREEN_ITERATIONS`` per scale, ``SCREEN_POINTS``
 #: source points), refines the best ``SURFACE_KEEP`` on ``REFINE_POINTS`` and polishes the
 #: winner at the finest scale on ``POLISH_POINTS`` (all of them when the source has fewer)
@@ -767,7 +772,8 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
     # cut-offs from SURFACE_FROM transport blurs down to SURFACE_TO blurs, but not below
     # SURFACE_SPACING times B's spacing: a point's nearest point of B is about that far away
     # even at the right pose, and a smaller cut-off leaves too few pairs to fit
-    finest = max(SURFACE_TO * blur, SURFACE_SPACING * target.spacing())
+    noise = math.hypot(target.noise(), source.noise())
+    finest = max(SURFACE_TO * blur, SURFACE_SPACING * target.spacing(), SURFACE_NOISE * noise)
     first = max(SURFACE_FROM * coarse, finest)
     count = max(5, 1 + math.ceil(math.log(first / finest) / math.log(SURFACE_RATIO)))
     scales = np.geomspace(first, finest, count).tolist()

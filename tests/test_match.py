@@ -604,3 +604,31 @@ def test_register_real_partial_scans_from_any_turn(turn):
     angle = np.rad2deg(np.arccos(np.clip((np.trace(m[:3, :3].T @ truth[:3, :3]) - 1) / 2, -1, 1)))
     shift = np.linalg.norm((x @ m[:3, :3].T + m[:3, 3]) - (x @ truth[:3, :3].T + truth[:3, 3]), axis=1)
     assert angle < 0.2 and shift.mean() < 0.002 * diag
+
+
+def test_noise_scale_of_a_scan_and_the_cutoffs_above_it(monkeypatch):
+    """Target.noise: about sigma for gaussian noise across a plane, ~0 on a clean one; register's
+    last surface cut-off stays above SURFACE_NOISE times the clouds' residual scale."""
+    from geomreg import registration, surface
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.cat([torch.rand(3000, 2, generator=g, dtype=torch.float64),
+                      torch.zeros(3000, 1, dtype=torch.float64)], dim=1)
+    assert surface.Target(flat).noise() < 1e-12
+    noisy = flat.clone()
+    noisy[:, 2] = 0.01 * torch.randn(3000, generator=g, dtype=torch.float64)  # across the plane
+    assert surface.Target(noisy).noise() == pytest.approx(0.01, rel=0.15)
+
+    seen = []
+    real = surface.refine_many
+
+    def spy(points, target, poses, scales, *args, **kwargs):
+        seen.append(scales[-1])
+        return real(points, target, poses, scales, *args, **kwargs)
+
+    monkeypatch.setattr(surface, "refine_many", spy)
+    x = _bumpy(1500, 1)
+    y = _bumpy(1200, 2) + np.random.default_rng(0).normal(0, 0.01, (1200, 3))
+    geomreg.register(x, y, dtype="float64")
+    noise = np.hypot(surface.Target(torch.as_tensor(y)).noise(), surface.Target(torch.as_tensor(x)).noise())
+    assert noise > 0.009 and seen[-1] == pytest.approx(registration.SURFACE_NOISE * noise)
