@@ -235,13 +235,14 @@ def flow(
 
     Sinkhorn steps, unless ``warm_start=False``: balanced problems with p = 2 step along the
     transport field itself, which equals :math:`-\nabla_{x_i} S / a_i` (no backward pass),
-    and a step's Sinkhorn loop may start from the previous step's potentials (``init``: no
-    epsilon schedule, iterations at the final temperature only). ``warm_start=True`` always
-    does; ``"auto"`` (the default) does while the last warm start took fewer iterations than
-    the last cold solve (see :func:`_warm_now`): the 8171-point bunny pair at blur 0.05 took
-    415 iterations over 50 steps against 689 cold (float32), but on two 2-D ellipses at blur
-    0.03, whose steps move the points far, warm starts took 2249 against 997. ``warm_start=False``
-    solves every step from the top of the schedule and differentiates it, as earlier
+    and a step's Sinkhorn loop may start from the previous steps' potentials (``init``: no
+    epsilon schedule, iterations at the final temperature only; extrapolated from the last
+    two steps, see :func:`_extrapolated`). ``warm_start=True`` always does; ``"auto"`` (the
+    default) does while the last warm start took fewer iterations than the last cold solve
+    (see :func:`_warm_now`): the 8171-point bunny pair at blur 0.05 took 286 iterations over
+    50 steps against 689 cold (float32), but on two 2-D ellipses at blur 0.03, whose steps
+    move the points far, warm starts without the extrapolation took 2249 against 997.
+    ``warm_start=False`` solves every step from the top of the schedule and differentiates it, as earlier
     versions did.
 
     Warm-started steps converge to ``WARM_TOL`` (1e-4; cold ones to divergence's default)
@@ -312,8 +313,12 @@ def flow(
     stopped, result, before = "steps", None, None
     field_steps = by_field and warm_start is not False
     iters = {"cold": None, "warm": None}  # of the last evaluation of each kind
+    last_duals = None  # the potentials of the step before the last one (warm-start extrapolation)
     for k in range(steps + 1):
-        warm = {"init": result} if _warm_now(warm_start, sinkhorn, result, iters, k) else {}
+        warm = {}
+        if _warm_now(warm_start, sinkhorn, result, iters, k):
+            warm = {"init": _extrapolated(result.duals, last_duals)}
+        last_duals = None if result is None else result.duals
         with clock("loss"):
             if field_steps:
                 result = divergence(pts, y, field=True, **warm, **(evaluate_warm if warm else evaluate))
@@ -344,6 +349,28 @@ def flow(
                 (grad,) = torch.autograd.grad(result.value, p)
             pts = pts - lr * inv_w.to(grad.device) * grad.to(pts)
     return FlowResult(pts, log, stopped, result, others, clock.elapsed, clock.times)
+
+
+def _extrapolated(now: Any, before: Any) -> Any:
+    """The warm start of a flow step: the last potentials plus ``WARM_AHEAD`` times their last change.
+
+    Points move smoothly from step to step, and so do the potentials: a secant prediction
+    starts the next solve nearer its solution. Measured over 50 steps (float32), iterations
+    in all with 0 / 0.7 / 1 as the share: the 8171-point bunny pair at blur 0.05 415 / 286 /
+    305 (19.6 / 16.4 / 16.4 s), two ellipses of 300 and 260 points at blur 0.03 730 / 520 /
+    604, the sample spirals 1020 / 985 / 984; the final losses within 2 %.
+    Without an earlier step, or with potentials of other shapes, the last potentials alone.
+    """
+    if before is None:
+        return now
+    pairs = list(zip(now, before, strict=True))
+    if any((a is None) != (b is None) or (a is not None and a.shape != b.shape) for a, b in pairs):
+        return now
+    return type(now)(*(None if a is None else a + WARM_AHEAD * (a - b) for a, b in pairs))
+
+
+#: the share of the potentials' last change that a flow's warm start adds (see :func:`_extrapolated`)
+WARM_AHEAD = 0.7
 
 
 def _warm_now(mode: bool | str, sinkhorn: bool, last: Any, iters: dict, k: int) -> bool:

@@ -632,3 +632,21 @@ def test_noise_scale_of_a_scan_and_the_cutoffs_above_it(monkeypatch):
     geomreg.register(x, y, dtype="float64")
     noise = np.hypot(surface.Target(torch.as_tensor(y)).noise(), surface.Target(torch.as_tensor(x)).noise())
     assert noise > 0.009 and seen[-1] == pytest.approx(registration.SURFACE_NOISE * noise)
+
+
+def test_flow_warm_starts_extrapolate_the_last_two_steps_potentials():
+    from geomreg.engine.base import Duals
+    from geomreg.registration import WARM_AHEAD, _extrapolated
+
+    t = torch.tensor
+    now = Duals(t([[1.0, 2.0]]), t([[3.0]]), t([[0.5, 0.5]]), t([[1.0]]))
+    before = Duals(t([[0.0, 2.0]]), t([[4.0]]), t([[0.5, 0.0]]), t([[1.0]]))
+    out = _extrapolated(now, before)
+    assert torch.allclose(out.xy, torch.tensor([[1.0 + WARM_AHEAD, 2.0]]))
+    assert torch.allclose(out.yx, torch.tensor([[3.0 - WARM_AHEAD]]))
+    assert torch.allclose(out.xx, torch.tensor([[0.5, 0.5 + 0.5 * WARM_AHEAD]]))
+    assert _extrapolated(now, None) is now
+    other = before._replace(xy=torch.zeros(1, 3))  # another cloud: nothing to extrapolate from
+    assert _extrapolated(now, other) is now
+    half = Duals(now.xy, now.yx)  # not debiased, unlike the step before: as they are
+    assert _extrapolated(half, before) is half
