@@ -159,7 +159,7 @@ class Target:
         the plane fitted through p's k neighbours, times 1.4826 (which makes the median absolute
         value of a gaussian its standard deviation) and :math:`\sqrt{k / (k - D)}` (the plane's
         D parameters absorb part of the scatter, as in a least-squares fit's residuals): about
-        the standard deviation of gaussian noise across the surface (0.0091 for 0.01 on a
+        the standard deviation of gaussian noise across the surface (0.0099 for 0.01 across a
         plane); on a clean scan, only the small offsets that the surface's curvature gives.
         """
         if not self.has_planes:
