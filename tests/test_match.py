@@ -439,6 +439,28 @@ def test_register_transport_stops_at_half_the_cube_side_when_blur_is_far_below_i
     assert np.abs(r.registered.numpy() - truth).max() < 0.05  # the surface stage still ends precise
 
 
+def test_register_transport_fits_are_coarse_only_when_the_surface_stage_follows():
+    """Before the surface stage, rigid transport fits skip debiasing and stop at TRANSPORT_TOL
+    (the caller's tol when set); similarity fits keep debiasing (their scale would be biased);
+    the values and the final divergence keep the caller's options, as does surface=False."""
+    from geomreg import registration
+
+    x = _bumpy(300, 4)
+    y = x @ _rotation(20, [0.2, 1, 0.1]).T
+
+    def options(**kw):  # every (debias, tol) that a Sinkhorn problem was solved with
+        seen = []
+        geomreg.register(x, y, on_result=lambda res: seen.append((res.params["debias"], res.params["tol"])),
+                         **kw)
+        return set(seen)
+
+    tt = registration.TRANSPORT_TOL
+    assert options() == {(False, tt), (True, 1e-3)}
+    assert options(tol=1e-4) == {(False, 1e-4), (True, 1e-4)}
+    assert options(model="similarity") == {(True, tt), (True, 1e-3)}
+    assert options(surface=False) == {(True, 1e-3)}
+
+
 def test_register_surface_cutoffs_stay_above_the_spacing_of_sparse_scans():
     """Two independent samples of a 40 m surface, about 2 m apart, at blur 0.5: cut-offs down
     to a quarter metre left few pairs (0.12 m off at the worst point); above 1.5 spacings 0.054."""
