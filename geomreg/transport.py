@@ -20,7 +20,6 @@ import torch
 from .engine import Backend, Cost
 from .engine.tensorized import squared_distances
 from .errors import InputError, ParameterError
-from .losses.sinkhorn import _barycentres
 
 #: rows of the plan scored at once by :meth:`TransportPlan.matches` (memory: rows x M)
 _MATCH_ROWS = 256
@@ -71,14 +70,13 @@ class TransportPlan:
         source points, extended to any others.
         """
         z = _points(points, self.x, name, self.centre)
-        sm = self.backend.softmin
+        backend = self.backend
         with torch.no_grad():
-            pair = self.backend.pair(z[None], self.y, self.cost)
-            v = _barycentres(sm, self.eps, pair, self.h_ab, self.y)
+            v = backend.barycentres(self.eps, backend.pair(z[None], self.y, self.cost), self.h_ab, self.y)
             if self.h_aa is None:
                 return (v - z[None])[0]
-            pair = self.backend.pair(z[None], self.x, self.cost)
-            return (v - _barycentres(sm, self.eps, pair, self.h_aa, self.x))[0]
+            pair = backend.pair(z[None], self.x, self.cost)
+            return (v - backend.barycentres(self.eps, pair, self.h_aa, self.x))[0]
 
     def matches(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The ``k`` strongest targets of each source point: indices and plan weights ``(N, k)``.

@@ -206,6 +206,31 @@ class Backend(ABC):
     def kernel_sum(self, pair: Any, w: torch.Tensor) -> torch.Tensor:
         r"""``(B, N)``: :math:`\sum_j k(x_i, y_j) w_j`, w ``(B, M)``."""
 
+    def barycentres(self, eps: float, pair: Any, h: torch.Tensor, y: torch.Tensor,
+                    base: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``(B, N, D)``: row barycentres :math:`\sum_j \pi_{ij} y_j / \sum_j \pi_{ij}` of a plan.
+
+        Here :math:`\pi_{ij} = e^{h_j - C_{ij}/\varepsilon}` and ``y (B, M, D)`` are the
+        pair's column points; ``base`` is ``softmin(eps, pair, h)``, the denominator's
+        softmin, when the caller has it already (the loss's final step has).
+
+        The default takes D more softmins: each coordinate is a ratio of two softmins, the
+        numerator adding :math:`\log z_j` to h, with z the coordinate shifted into
+        [span, 2 span] (positive, so its log exists, and away from 0, so nothing is lost to
+        cancellation). Backends that can weigh the columns' points in the softmin's own pass
+        override it.
+        """
+        y = y.detach()
+        base = self.softmin(eps, pair, h) if base is None else base
+        lo = y.amin(1)
+        span = (y.amax(1) - lo).clamp_min(1e-12)  # (B, D)
+        out = []
+        for d in range(y.shape[-1]):
+            z = y[..., d] - lo[:, d : d + 1] + span[:, d : d + 1]
+            num = self.softmin(eps, pair, h + z.log())
+            out.append(torch.exp((base - num) / eps) + (lo[:, d : d + 1] - span[:, d : d + 1]))
+        return torch.stack(out, dim=-1)
+
     def levels(self, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, b: torch.Tensor,
                cost: Cost, epsilons: list[float], debias: bool) -> Levels:
         """The coarse-to-fine levels of a Sinkhorn problem on this backend (default: one)."""

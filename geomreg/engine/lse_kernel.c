@@ -59,13 +59,17 @@ static inline float exp_neg(float x) {
  * (sharing the loads of the columns). With bound == NULL, two passes: the maximum, then the
  * sum of exponentials shifted by it. Otherwise bound[k] is an upper bound of row k's
  * maximum that exceeds it by at most MAX_SLACK: one pass, the sum shifted by the bound (its
- * largest term is then at least e^-MAX_SLACK, far from float32's underflow). */
-#define ROW_LSE(R)                                                                              \
-    static void row_lse##R(const float *a, const float *v0, const float *v1, const float *v2,    \
-                           int64_t m, const float *u, const float *bound, double *out) {       \
-        float top[R], s[R];                                                                     \
-        double total[R];                                                                        \
-        for (int k = 0; k < R; k++) top[k] = bound ? bound[k] : -INFINITY, total[k] = 0.0;     \
+ * largest term is then at least e^-MAX_SLACK, far from float32's underflow). With M = 1
+ * the same pass also writes each row's mean of the columns v under those weights,
+ * mom[3k..3k+2] = sum_j e_kj v_j / sum_j e_kj (M is a constant: the M = 0 functions carry
+ * no trace of it). */
+#define ROW_LSE(R, M, NAME)                                                                     \
+    static void NAME(const float *a, const float *v0, const float *v1, const float *v2,          \
+                     int64_t m, const float *u, const float *bound, double *out, double *mom) { \
+        float top[R], s[R], s0[R], s1[R], s2[R];                                                \
+        double total[R], t0[R], t1[R], t2[R];                                                   \
+        for (int k = 0; k < R; k++)                                                             \
+            top[k] = bound ? bound[k] : -INFINITY, total[k] = t0[k] = t1[k] = t2[k] = 0.0;     \
         if (!bound)                                                                             \
             for (int64_t j = 0; j < m; j++)                                                     \
                 for (int k = 0; k < R; k++) {                                                   \
@@ -74,17 +78,29 @@ static inline float exp_neg(float x) {
                 }                                                                               \
         for (int64_t c = 0; c < m; c += CHUNK) {                                                \
             int64_t end = c + CHUNK < m ? c + CHUNK : m;                                        \
-            for (int k = 0; k < R; k++) s[k] = 0.0f;                                            \
+            for (int k = 0; k < R; k++) s[k] = s0[k] = s1[k] = s2[k] = 0.0f;                    \
             for (int64_t j = c; j < end; j++)                                                   \
-                for (int k = 0; k < R; k++)                                                     \
-                    s[k] += exp_neg(a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] +            \
-                                    u[3 * k + 2] * v2[j] - top[k]);                             \
-            for (int k = 0; k < R; k++) total[k] += s[k];                                       \
+                for (int k = 0; k < R; k++) {                                                   \
+                    float e = exp_neg(a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] +          \
+                                      u[3 * k + 2] * v2[j] - top[k]);                           \
+                    s[k] += e;                                                                  \
+                    if (M) s0[k] += e * v0[j], s1[k] += e * v1[j], s2[k] += e * v2[j];          \
+                }                                                                               \
+            for (int k = 0; k < R; k++) {                                                       \
+                total[k] += s[k];                                                               \
+                if (M) t0[k] += s0[k], t1[k] += s1[k], t2[k] += s2[k];                          \
+            }                                                                                   \
         }                                                                                       \
-        for (int k = 0; k < R; k++) out[k] = (double)top[k] + log(total[k]);                   \
+        for (int k = 0; k < R; k++) {                                                           \
+            out[k] = (double)top[k] + log(total[k]);                                            \
+            if (M) mom[3 * k] = t0[k] / total[k], mom[3 * k + 1] = t1[k] / total[k],            \
+                   mom[3 * k + 2] = t2[k] / total[k];                                           \
+        }                                                                                       \
     }
-ROW_LSE(1)
-ROW_LSE(4)
+ROW_LSE(1, 0, row_lse1)
+ROW_LSE(4, 0, row_lse4)
+ROW_LSE(1, 1, row_mean1)
+ROW_LSE(4, 1, row_mean4)
 
 /* Centroid of rows r0..r1-1 of p (N x 3). */
 static void centroid(const float *p, int64_t r0, int64_t r1, float o[3]) {
@@ -140,12 +156,14 @@ static float *reserve(float **buf, int64_t *cap, int64_t m) {
 /* For R (1 or 4) consecutive points pts (R x 3), log sum_j exp(a_j + <pts - o, v_j>) -
  * |pts - o|^2 / (2 eps) over the m columns (a, v0, v1, v2, stats) of gather. Row k's
  * maximum lies within |u_k| max|v| of max a (Cauchy-Schwarz, u_k = pts_k - o): when that
- * gap is small, max a + |u_k| max|v| serves as the shift and one pass suffices. */
+ * gap is small, max a + |u_k| max|v| serves as the shift and one pass suffices. With mean
+ * != NULL, mean (R x 3) also gets each row's barycentre of the columns' points,
+ * o + eps * (its mean of v), under the same weights. */
 static void points_lse(const float *a, const float *v0, const float *v1, const float *v2, int64_t m,
                        const float stats[2], const float *pts, int R, const float o[3], float inv_eps,
-                       float *out) {
+                       float *out, float *mean) {
     float u[12], bound[4];
-    double lse[4] = {0.0, 0.0, 0.0, 0.0};
+    double lse[4] = {0.0, 0.0, 0.0, 0.0}, mom[12];
     int one_pass = stats[0] > -INFINITY;
     for (int k = 0; k < R; k++) {
         for (int d = 0; d < 3; d++) u[3 * k + d] = pts[3 * k + d] - o[d];
@@ -154,20 +172,25 @@ static void points_lse(const float *a, const float *v0, const float *v1, const f
         bound[k] = stats[0] + reach;
         one_pass = one_pass && 2.0f * reach <= MAX_SLACK && bound[k] < INFINITY;
     }
-    if (R == 4)
-        row_lse4(a, v0, v1, v2, m, u, one_pass ? bound : NULL, lse);
+    const float *shift = one_pass ? bound : NULL;
+    if (mean)
+        (R == 4 ? row_mean4 : row_mean1)(a, v0, v1, v2, m, u, shift, lse, mom);
     else
-        row_lse1(a, v0, v1, v2, m, u, one_pass ? bound : NULL, lse);
+        (R == 4 ? row_lse4 : row_lse1)(a, v0, v1, v2, m, u, shift, lse, NULL);
     for (int k = 0; k < R; k++) {
         const float *w = u + 3 * k;
         out[k] = (float)(lse[k] - 0.5 * (double)(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * inv_eps);
+        if (mean)
+            for (int d = 0; d < 3; d++) mean[3 * k + d] = (float)(o[d] + mom[3 * k + d] / inv_eps);
     }
 }
 
-/* Per tile: log-sum-exp over its columns for each of its rows (out: one value per row of p). */
+/* Per tile: log-sum-exp over its columns for each of its rows (out: one value per row of p);
+ * with mean != NULL (N x 3), each row's barycentre of the columns' points q as well, under
+ * the weights exp(h_j - |p_i - q_j|^2 / (2 eps)) (NaN for a row without columns). */
 int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, const int64_t *r1,
              int64_t n_tiles, const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t m_all,
-             float eps, float *out, int64_t *counter) {
+             float eps, float *out, float *mean, int64_t *counter) {
     float inv_eps = 1.0f / eps;
     int64_t cap = 0;
     float *buf = NULL;
@@ -181,13 +204,16 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
         float *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap, stats[2];
         gather(q, h, ptr, lo, hi, t, 0, m, o, inv_eps, a, v0, v1, v2, stats);
         if (m == 0) {
-            for (int64_t i = r0[t]; i < r1[t]; i++) out[i] = -INFINITY;
+            for (int64_t i = r0[t]; i < r1[t]; i++) {
+                out[i] = -INFINITY;
+                if (mean) mean[3 * i] = mean[3 * i + 1] = mean[3 * i + 2] = NAN;
+            }
             continue;
         }
         for (int64_t i = r0[t], R; i < r1[t]; i += R) {
             R = r1[t] - i >= 4 ? 4 : 1;
             float lse[4];
-            points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse);
+            points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse, mean ? mean + 3 * i : NULL);
             for (int k = 0; k < R; k++) out[i + k] = lse[k];
         }
     }
@@ -203,7 +229,7 @@ static void process_columns(const float *a, const float *u0, const float *u1, co
     for (int64_t j = j0, R; j < j1; j += R) {
         R = j1 - j >= 4 ? 4 : 1;
         float lse[4];
-        points_lse(a, u0, u1, u2, rows, stats, q + 3 * j, R, o, inv_eps, lse);
+        points_lse(a, u0, u1, u2, rows, stats, q + 3 * j, R, o, inv_eps, lse, NULL);
         for (int l = 0; l < R; l++) {
             float part = lse[l];
             int64_t jl = j + l;

@@ -97,7 +97,7 @@ def _load() -> ctypes.CDLL:
         _compile(cc, target)
     lib = ctypes.CDLL(str(target))
     common = [_P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _F32]
-    lib.rows_lse.argtypes = [*common, _P, _P]
+    lib.rows_lse.argtypes = [*common, _P, _P, _P]
     lib.cols_lse.argtypes = [*common, _P, _P, _I64, _I64, _I64]
     lib.screen_tiles.argtypes = ([_P] * 4 + [_I64] + [_P] * 9 + [_F32, _F32, _I64, ctypes.c_int] + [_P] * 7
                                  + [_I64, _I64, _P])
@@ -163,18 +163,22 @@ def _tile_args(p, q, h, r0, r1, ptr, lo, hi, eps) -> tuple:
 
 def rows_lse(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor,
              ptr: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None, eps: float,
-             out: torch.Tensor) -> None:
+             out: torch.Tensor, mean: torch.Tensor | None = None) -> None:
     r"""``out[i] = log sum_j exp(h_j - |p_i - q_j|^2 / (2 eps))`` over each tile's columns.
 
     ``p (N, 3)``, ``q (M, 3)`` from :func:`points3`; ``h (M,)``; tile ``t`` is the rows
     ``r0[t]:r1[t]`` (int64) against the columns of the runs ``lo[k]:hi[k]`` (int32) for k in
     ``ptr[t]:ptr[t+1]`` (int64), or every column when ``lo`` is None. Rows outside the tiles
-    are left as they are; a tile without columns gives -inf.
+    are left as they are; a tile without columns gives -inf. ``mean (N, 3)``, float32
+    contiguous, when given: each row's barycentre :math:`\sum_j w_{ij} q_j / \sum_j w_{ij}`
+    under the same terms :math:`w_{ij} = e^{h_j - |p_i - q_j|^2/2\varepsilon}`, in the same
+    pass (NaN for a row without columns).
     """
     counter = torch.zeros(1, dtype=torch.int64)
     h = h.detach().contiguous()
     args = _tile_args(p, q, h, r0, r1, ptr, lo, hi, eps)
-    _run(kernel().rows_lse, lambda w: (*args, out.data_ptr(), counter.data_ptr()))
+    means = None if mean is None else mean.data_ptr()
+    _run(kernel().rows_lse, lambda w: (*args, out.data_ptr(), means, counter.data_ptr()))
 
 
 def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor,

@@ -230,10 +230,10 @@ def sinkhorn_loss(
         with torch.no_grad():
             (a_log, b_log), pairs = run.w_log, run.pairs
             lam = damping(eps, rho)  # the final step's updates are lam times the softmins needed here
-            disp = _barycentres(run.sm, eps, pairs.xy, b_log + duals.yx / eps, y, final.xy.detach() / lam)
+            disp = backend.barycentres(eps, pairs.xy, b_log + duals.yx / eps, y, final.xy.detach() / lam)
             if debias:
-                disp = disp - _barycentres(run.sm, eps, pairs.xx, a_log + duals.xx / eps, x,
-                                           final.xx.detach() / lam)
+                disp = disp - backend.barycentres(eps, pairs.xx, a_log + duals.xx / eps, x,
+                                                  final.xx.detach() / lam)
             else:
                 disp = disp - x
 
@@ -500,29 +500,6 @@ def error_bound(run: _Run, duals: Duals, final: Duals, values: torch.Tensor, c_m
             high = high - 0.5 * (lower["xx"] + lower["yy"])
         v = values.detach().double()
         return float(torch.maximum(v - low, high - v).max())
-
-
-def _barycentres(sm, eps: float, pair, h: torch.Tensor, y: torch.Tensor,
-                 base: torch.Tensor | None = None) -> torch.Tensor:
-    r"""``(B, N, D)``: row barycentres :math:`\sum_j \pi_{ij} y_j / \sum_j \pi_{ij}` of the plan.
-
-    Here :math:`\pi_{ij} = e^{h_j - C_{ij}/\varepsilon}`; ``base`` is ``sm(eps, pair, h)``, the
-    denominator's softmin, when the caller has it already (the loss's final step has).
-
-    Each coordinate is a ratio of two softmins: the numerator adds :math:`\log z_j` to h,
-    with z the coordinate shifted into [span, 2 span] (positive, so its log exists, and
-    away from 0, so nothing is lost to cancellation).
-    """
-    y = y.detach()
-    base = sm(eps, pair, h) if base is None else base
-    lo = y.amin(1)
-    span = (y.amax(1) - lo).clamp_min(1e-12)  # (B, D)
-    out = []
-    for d in range(y.shape[-1]):
-        z = y[..., d] - lo[:, d : d + 1] + span[:, d : d + 1]
-        num = sm(eps, pair, h + z.log())
-        out.append(torch.exp((base - num) / eps) + (lo[:, d : d + 1] - span[:, d : d + 1]))
-    return torch.stack(out, dim=-1)
 
 
 def _dot(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

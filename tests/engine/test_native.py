@@ -74,6 +74,18 @@ def test_row_and_column_reductions_equal_brute_force(dim, eps):
     native.rows_lse(p, q, h, r0, r1, None, None, None, eps, out)  # every column
     assert _rel(out.double(), torch.logsumexp(h.double()[None] - c / eps, 1)) < 2e-6
 
+    # the same pass with the rows' barycentres of their columns' points (NaN: no column)
+    mean, again = torch.empty(n, 3), torch.empty(n)
+    native.rows_lse(p, q, h, r0, r1, ptr, lo, hi, eps, again, mean)
+    assert torch.equal(torch.isfinite(again), finite) and _rel(again[finite], out[finite]) < 1e-6
+    for a, b, sel in zip(r0.tolist(), r1.tolist(), sels, strict=True):
+        if not sel.numel():
+            assert bool(mean[a:b].isnan().all())
+            continue
+        w = torch.softmax(h.double()[sel.long()][None] - c[a:b][:, sel.long()] / eps, 1)
+        want = w @ q.double()[sel.long()]
+        assert float((mean[a:b].double() - want).abs().max()) < 2e-6  # coordinates of size 0.1
+
     # columns: each kept column sums over the rows of the tiles that keep it
     w = torch.get_num_threads()
     amax, asum = torch.full((w, m), -math.inf), torch.zeros(w, m, dtype=torch.float64)
@@ -133,6 +145,20 @@ def test_compiled_screening_is_safe_and_agrees_with_torch(monkeypatch):
         same += int((kept == theirs).sum())
         total += kept.numel()
     assert same / total > 0.999
+
+
+def test_field_in_the_softmin_pass_equals_the_torch_path(monkeypatch):
+    """The transport field (row barycentres) from the kernel's one pass, through sorted,
+    truncated pairs, against the torch path's D extra softmins (the potentials of the two
+    runs differ by float32 rounding; the raw pass is checked against float64 above)."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.rand(2500, 3, generator=gen), torch.rand(2300, 3, generator=gen) + 0.1
+    kw = dict(backend="multiscale", blur=0.05, tol=1e-4, field=True)
+    fields = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(native.ENV_SWITCH, switch)
+        fields[switch] = geomreg.divergence(x, y, **kw).field
+    assert float((fields["1"] - fields["0"]).abs().max()) < 1e-4
 
 
 def test_transposed_and_unstored_pairs_match_the_torch_path(monkeypatch):
