@@ -57,6 +57,7 @@ def divergence(
     on_result: Callable[[DivergenceResult], None] | None = None,
     init: Any = None,
     certify: bool = True,
+    fixed_target: bool = False,
 ) -> DivergenceResult:
     r"""Divergence between two (weighted) point clouds, as defined in docs/theory.md.
 
@@ -115,6 +116,11 @@ def divergence(
             by 5% took 29 instead of 44 (blur 0.05), by 20% about as many as a cold start.
         certify: sinkhorn: compute ``result.error_bound`` (three more softmins; None when
             False). A gradient flow, which evaluates the loss at every step, skips it.
+        fixed_target: sinkhorn with ``init`` and debias: the target (y, b) is the one
+            ``init`` was solved for, so its potential for the target's transport to itself
+            is kept as it is instead of being solved again (a gradient flow moves the
+            source only). The value then has no gradient with respect to y through that
+            term.
 
     Returns:
         A :class:`DivergenceResult`; ``result.value`` is differentiable with respect to
@@ -133,6 +139,9 @@ def divergence(
         if loss != "sinkhorn":
             raise ParameterError("init", f"warm starts apply to sinkhorn, not {loss}")
         init = getattr(init, "duals", init)
+    if fixed_target and (init is None or not debias):
+        raise ParameterError("fixed_target", "keeps the target's own potential of init: it needs init "
+                             "and debias")
     if field and loss != "sinkhorn":
         raise ParameterError("field", f"needs loss sinkhorn, not {loss}")
     grid_problem = _grid_problem(x, y, loss, p, cost)
@@ -226,7 +235,8 @@ def divergence(
         schedule = EpsilonSchedule(p, d, blur, scaling)
         out = sinkhorn_loss(engine, xs, a_t, ys, b_t, p=p, schedule=schedule, reach=reach,
                             debias=debias, tol=tol, max_iter=max_iter, on_step=on_step,
-                            cost_formula=cost, field=field, init=init, certify=certify)
+                            cost_formula=cost, field=field, init=init, certify=certify,
+                            fixed_target=fixed_target)
         params.update(p=p, blur=blur, eps=schedule.eps, reach=reach,
                       rho=None if reach is None else reach**p, diameter=d, scaling=scaling,
                       debias=debias, tol=tol, max_iter=max_iter)

@@ -307,8 +307,10 @@ def flow(
     evaluate = dict(kwargs, a=w, **({} if sinkhorn_tol is None else {"tol": sinkhorn_tol}))
     if sinkhorn:
         evaluate["certify"] = False
-    # warm-started evaluations: WARM_TOL unless the caller set a tolerance (see above)
-    evaluate_warm = dict(evaluate, tol=WARM_TOL if sinkhorn_tol is None else sinkhorn_tol)
+    # warm-started evaluations: WARM_TOL unless the caller set a tolerance (see above); the
+    # target does not move, so its own potential is kept from the previous step (fixed_target)
+    evaluate_warm = dict(evaluate, tol=WARM_TOL if sinkhorn_tol is None else sinkhorn_tol,
+                         fixed_target=kwargs.get("debias", True))
     log: list[FlowStep] = []
     stopped, result, before = "steps", None, None
     field_steps = by_field and warm_start is not False
@@ -360,13 +362,15 @@ def _extrapolated(now: Any, before: Any) -> Any:
     305 (19.6 / 16.4 / 16.4 s), two ellipses of 300 and 260 points at blur 0.03 730 / 520 /
     604, the sample spirals 1020 / 985 / 984; the final losses within 2 %.
     Without an earlier step, or with potentials of other shapes, the last potentials alone.
+    The target's own potential (``yy``), whose target does not move, is kept as it is.
     """
     if before is None:
         return now
     pairs = list(zip(now, before, strict=True))
     if any((a is None) != (b is None) or (a is not None and a.shape != b.shape) for a, b in pairs):
         return now
-    return type(now)(*(None if a is None else a + WARM_AHEAD * (a - b) for a, b in pairs))
+    ahead = type(now)(*(None if a is None else a + WARM_AHEAD * (a - b) for a, b in pairs))
+    return ahead._replace(yy=now.yy)
 
 
 #: the share of the potentials' last change that a flow's warm start adds (see :func:`_extrapolated`)

@@ -662,13 +662,34 @@ def test_flow_warm_starts_extrapolate_the_last_two_steps_potentials():
 
     t = torch.tensor
     now = Duals(t([[1.0, 2.0]]), t([[3.0]]), t([[0.5, 0.5]]), t([[1.0]]))
-    before = Duals(t([[0.0, 2.0]]), t([[4.0]]), t([[0.5, 0.0]]), t([[1.0]]))
+    before = Duals(t([[0.0, 2.0]]), t([[4.0]]), t([[0.5, 0.0]]), t([[2.0]]))
     out = _extrapolated(now, before)
     assert torch.allclose(out.xy, torch.tensor([[1.0 + WARM_AHEAD, 2.0]]))
     assert torch.allclose(out.yx, torch.tensor([[3.0 - WARM_AHEAD]]))
     assert torch.allclose(out.xx, torch.tensor([[0.5, 0.5 + 0.5 * WARM_AHEAD]]))
+    assert out.yy is now.yy  # the target's own potential: the target does not move
     assert _extrapolated(now, None) is now
     other = before._replace(xy=torch.zeros(1, 3))  # another cloud: nothing to extrapolate from
     assert _extrapolated(now, other) is now
     half = Duals(now.xy, now.yx)  # not debiased, unlike the step before: as they are
     assert _extrapolated(half, before) is half
+
+
+def test_fixed_target_keeps_the_targets_own_potential_and_the_value():
+    """A warm start with fixed_target never updates g_bb (nor truncates its pair), and gives
+    the value and field of the full warm start within their tolerance; bad uses are refused."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand(1500, 3, generator=gen), torch.rand(1400, 3, generator=gen) + 0.1
+    kw = dict(blur=0.05, tol=1e-5, field=True, backend="multiscale")
+    first = geomreg.divergence(x, y, **kw)
+    moved = x + 0.2 * first.field
+    full = geomreg.divergence(moved, y, init=first, **kw)
+    fixed = geomreg.divergence(moved, y, init=first, fixed_target=True, **kw)
+    assert torch.equal(fixed.duals.yy, first.duals.yy)
+    assert not torch.equal(full.duals.yy, first.duals.yy)
+    assert fixed.multiscale["pairs_kept_fraction"]["yy"] == 1.0  # left whole: never used
+    assert fixed.value.item() == pytest.approx(full.value.item(), rel=1e-3)
+    assert float((fixed.field - full.field).abs().max()) < 1e-4
+    for bad in (dict(), dict(init=first, debias=False)):
+        with pytest.raises(geomreg.ParameterError, match="fixed_target"):
+            geomreg.divergence(x, y, blur=0.05, fixed_target=True, **bad)

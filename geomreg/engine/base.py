@@ -184,7 +184,11 @@ class Levels:
         raise NotImplementedError("one level: nothing to transfer")
 
     def truncate(self, level: Hashable, pairs: Pairs, duals: Duals, eps: float) -> Pairs:
-        """``pairs`` restricted for temperature ``eps`` and potentials ``duals`` (default: all)."""
+        """``pairs`` restricted for temperature ``eps`` and potentials ``duals`` (default: all).
+
+        A symmetric pair whose potential is None in ``duals`` (a potential the loop keeps
+        fixed) is returned as it is.
+        """
         return pairs
 
 

@@ -959,9 +959,10 @@ class MultiscaleLevels(Levels):
         full, cut = self.full, self.backend.truncated
         xy = cut(full.xy, duals.xy, duals.yx, eps)
         out = Pairs(xy, self.backend.transposed(xy, full.yx))
-        if self.debias:
-            out = out._replace(xx=cut(full.xx, duals.xx, duals.xx, eps),
-                               yy=cut(full.yy, duals.yy, duals.yy, eps))
+        if self.debias:  # a symmetric pair without potentials (kept fixed by the loop) stays whole
+            out = out._replace(**{k: getattr(pairs, k) if getattr(duals, k) is None else
+                                  cut(getattr(full, k), getattr(duals, k), getattr(duals, k), eps)
+                                  for k in ("xx", "yy")})
         self.info["pairs_kept_fraction"] = {
             name: pair.kept_fraction for name, pair in out._asdict().items() if pair is not None}
         return out

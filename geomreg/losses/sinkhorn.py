@@ -164,6 +164,7 @@ def sinkhorn_loss(
     field: bool = False,
     init: Duals | None = None,
     certify: bool = True,
+    fixed_target: bool = False,
 ) -> LossOutput:
     r"""Sinkhorn divergence :math:`S_\varepsilon(\alpha, \beta)` (or :math:`OT_\varepsilon` if not debiased).
 
@@ -189,6 +190,9 @@ def sinkhorn_loss(
             a gradient flow). The schedule is skipped: the loop starts at the final
             temperature, on the finest level, from these potentials.
         certify: compute the certified error bound (False: ``error_bound`` is None).
+        fixed_target: with ``init`` (debiased): (y, b) is the target ``init`` was solved
+            for; its potential g_bb is kept from ``init``, never updated (nor its pair
+            truncated), and enters the value as a constant.
 
     Returns:
         values ``(B,)`` differentiable with respect to x, y, a, b; potentials (F, G); the raw
@@ -201,6 +205,8 @@ def sinkhorn_loss(
     eps = eps_list[-1]
     levels = backend.levels(x, a, y, b, cost, eps_list, debias)
     run = _Run(backend, levels, p, rho, debias, tol, on_step)
+    if fixed_target and init is not None and debias:
+        run.fixed = ("yy",)
     # alpha and beta are one measure: the (a, b) problem is the (a, a) problem, solved once,
     # so that S(alpha, alpha) = 0 exactly instead of the difference of two solvers' errors
     same = debias and x.shape == y.shape and torch.equal(x, y) and torch.equal(a, b)
@@ -218,7 +224,9 @@ def sinkhorn_loss(
         if same:  # the same pairs too: the two problems' final updates are bit for bit equal
             duals = duals._replace(xy=duals.xx, yx=duals.yy)
             run.pairs = run.pairs._replace(xy=run.pairs.xx, yx=run.pairs.yy)
-    final = run.final(duals, eps)
+    # without gradients the final step may take the updates converge already has
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a, y, b))
+    final = run.final(duals, eps, reuse=not wants_grad)
 
     values = _sinkhorn_value(*run.w, *final, eps, rho)
     bound = None
@@ -293,6 +301,8 @@ class _Run:
         self.sm, self.levels, self.p, self.rho = backend.softmin, levels, p, rho
         self.tol, self.on_step = tol, on_step
         self.keys = ("xy", "yx", "xx", "yy") if debias else ("xy", "yx")
+        self.fixed: tuple[str, ...] = ()  # potentials kept as they are (see fixed_target)
+        self.ahead: dict[str, torch.Tensor] = {}  # updates known in advance (see converge)
         self.steps: list[StepLog] = []
         self.start = time.perf_counter()
         self.n_iter = 0
@@ -378,11 +388,17 @@ class _Run:
         marginal is exact, and the error measured is that of its columns. The symmetric
         problems: averaged updates (they contract at a rate of 1/2 or better), frozen once
         they meet tol. When ``same`` (alpha is beta), the (a, b) problem is the (a, a) one.
+
+        ``self.ahead`` keeps the updates already computed from the returned potentials (f,
+        T(f) and the frozen symmetric problems' last updates): :meth:`final` takes them
+        instead of computing them again when no gradient is needed.
         """
+        self.ahead = {}
         if self.tol == math.inf:
             return duals
-        self.pairs = self.levels.truncate(self.level, self.pairs, duals, eps)  # potentials moved
-        err_sym = dict.fromkeys(self.keys[2:], math.inf)
+        kept = duals._replace(**dict.fromkeys(self.fixed))  # a pair without potentials stays whole
+        self.pairs = self.levels.truncate(self.level, self.pairs, kept, eps)  # potentials moved
+        err_sym = {k: math.inf for k in self.keys[2:] if k not in self.fixed}
         err_ab = 0.0 if same else math.inf
         mixer, g = Anderson(), duals.yx
         best, best_at = math.inf, self.n_iter  # the stall rule (STALL)
@@ -395,6 +411,7 @@ class _Run:
                 err_ab = self.error("yx", g, gt, eps)
                 changes += [(duals.xy, f), (duals.yx, g)]
                 duals = duals._replace(xy=f, yx=g)
+                self.ahead.update(xy=f, yx=gt)  # f = T(g) and T(f): the updates of (f, g)
             for k, e in err_sym.items():  # averaged updates, skipped once they meet tol
                 if e <= self.tol:
                     continue
@@ -403,6 +420,8 @@ class _Run:
                 if err_sym[k] > self.tol:  # else keep the state whose error was measured
                     changes.append((getattr(duals, k), 0.5 * (getattr(duals, k) + new)))
                     duals = duals._replace(**{k: changes[-1][1]})
+                else:
+                    self.ahead[k] = new
             err = max([err_ab, *err_sym.values()])
             self.log("converge", eps, _change(*changes) if changes else 0.0, err)
             if err <= self.tol:
@@ -426,14 +445,25 @@ class _Run:
         """
         a, b = self.w
         c = (_dot(b, duals.yx) - _dot(a, duals.xy)) / (a.sum(-1) + b.sum(-1))
+        if "xy" in self.ahead:  # T(g - c) = T(g) + c and T(f + c) = T(f) - c
+            self.ahead.update(xy=self.ahead["xy"] + c[:, None], yx=self.ahead["yx"] - c[:, None])
         return duals._replace(xy=duals.xy + c[:, None], yx=duals.yx - c[:, None])
 
-    def final(self, duals: Duals, eps: float) -> Duals:
-        """One parallel update with autograd on and detached inputs (envelope-theorem gradients)."""
+    def final(self, duals: Duals, eps: float, reuse: bool = False) -> Duals:
+        """One parallel update with autograd on and detached inputs (envelope-theorem gradients).
+
+        ``reuse`` (no gradient wanted): the updates that :meth:`converge` already computed
+        from these potentials (``self.ahead``) are taken as they are, the same values up to
+        the rounding of the gauge's shift; a loop ending on the tolerance then recomputes
+        only the symmetric problems that were still moving.
+        """
         self.n_iter += 1
-        final = Duals(**{k: self.update(k, duals, eps, detach=True) for k in self.keys})
+        moving = [k for k in self.keys if k not in self.fixed]
+        ahead = self.ahead if reuse else {}
+        new = {k: ahead[k] if k in ahead else self.update(k, duals, eps, detach=True) for k in moving}
+        final = Duals(**new, **{k: getattr(duals, k) for k in self.fixed})
         with torch.no_grad():
-            errors = [self.error(k, getattr(duals, k), getattr(final, k), eps) for k in self.keys]
+            errors = [self.error(k, getattr(duals, k), getattr(final, k), eps) for k in moving]
             self.final_error = max(errors)
             self.log("final", eps, _change(*self.changes(duals, final)), self.final_error)
         return final
