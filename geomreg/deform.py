@@ -366,9 +366,9 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     for eps in blurs:
         r = None  # the potentials of one blur warm-start the next fit at that blur only
         level_reach = None if reach is None else max(reach, REACH_PER_BLUR * eps)
-        for _ in range(fits):
+        for _ in range(fits):  # y does not move: a warm start keeps its own potential (fixed_target)
             r = divergence(moved, y, blur=eps, reach=level_reach, field=True, init=r, certify=False,
-                           **loop_kw)
+                           fixed_target=r is not None and loop_kw.get("debias", True), **loop_kw)
             if improve(moved + r.field.to(moved), r.plan.row_mass().to(moved)) < FIT_STOP * eps:
                 break
         trace.append({"blur": eps, "fits": n_fits, "value": float(r.value)})

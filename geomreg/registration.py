@@ -760,8 +760,10 @@ def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw, f
         running, r = list(active), None  # within a level each fit starts from the previous potentials
         for _ in range(fits):
             z = torch.stack([xs @ poses[i][0].T + poses[i][1] for i in running])
+            fit = kw | (fit_kw or {})  # the target does not move: a warm start keeps its own potential
             r = divergence(z, ys.expand(len(running), *ys.shape), blur=sigma, reach=level_reach, field=True,
-                           init=r, certify=False, **_batched(kw | (fit_kw or {}), len(running)))
+                           init=r, certify=False, fixed_target=r is not None and fit.get("debias", True),
+                           **_batched(fit, len(running)))
             mass = _row_mass(r, kw["a"])
             still, keep = [], []
             for k, i in enumerate(running):
