@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import defaults
 from .api import divergence
 from .engine.base import Duals
 from .errors import ParameterError
@@ -724,15 +725,17 @@ def _fit_options(model: str, surface: bool, kw: dict) -> dict:
 
     Followed by the surface stage, transport only has to land in its basin, and the surface
     stage and the final divergence keep the caller's options: the fits are solved in float32
-    (set by the caller of :func:`_transport_stage`) to ``TRANSPORT_TOL`` unless the caller set
-    ``tol``, and rigid fits without the debiasing problems. A rigid fit only needs where each
-    point is transported (the (a, b) plan's barycentres); the self-transport (a, a) that
-    debiasing subtracts mostly shrinks the barycentres towards their neighbourhood's mean,
-    which moves a rotation fit little, while it would bias a scale (similarity, affine).
+    (set by the caller of :func:`_transport_stage`) to ``TRANSPORT_TOL``, or to the caller's
+    ``tol`` when that is looser (a value, not whether it was given: ``tol=1e-3`` given or
+    left to its default fits the same poses), and rigid fits without the debiasing problems.
+    A rigid fit only needs where each point is transported (the (a, b) plan's barycentres);
+    the self-transport (a, a) that debiasing subtracts mostly shrinks the barycentres towards
+    their neighbourhood's mean, which moves a rotation fit little, while it would bias a
+    scale (similarity, affine).
     """
     if not surface:
         return {}
-    out = {} if "tol" in kw else {"tol": TRANSPORT_TOL}
+    out = {"tol": max(kw.get("tol", defaults.TOL), TRANSPORT_TOL)}
     return out | ({"debias": False} if model == "rigid" else {})
 
 
