@@ -14,7 +14,8 @@
  *     tile's columns;
  *   cols_lse reduces the other way: the log-weights hp belong to the tile's rows, and for
  *     each kept column j it merges log sum_i exp(hp_i - |p_i - q_j|^2 / (2 eps)) into the
- *     worker's running maximum and sum (amax[j], asum[j]); the caller merges the workers.
+ *     worker's running reference and sum (amax[j], asum[j]: the log-sum-exp so far is
+ *     amax[j] + log asum[j]); the caller merges the workers.
  *     Worker w of W takes the tiles t with (t + t_offset) % W == w, in increasing order, so
  *     that the sums do not depend on timing, nor on how the tiles were cut into calls.
  *
@@ -221,27 +222,104 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
     return 0;
 }
 
-/* Columns j0..j1-1 of q against one tile (a, u: its rows from gather), merged into the
- * worker's running maximum and sum. */
-static void process_columns(const float *a, const float *u0, const float *u1, const float *u2, int64_t rows,
-                            const float stats[2], const float *q, const float o[3], float inv_eps, int64_t j0,
-                            int64_t j1, float *amax, double *asum) {
-    for (int64_t j = j0, R; j < j1; j += R) {
-        R = j1 - j >= 4 ? 4 : 1;
-        float lse[4];
-        points_lse(a, u0, u1, u2, rows, stats, q + 3 * j, R, o, inv_eps, lse, NULL);
-        for (int l = 0; l < R; l++) {
-            float part = lse[l];
-            int64_t jl = j + l;
-            if (!(part > -INFINITY)) continue;
-            if (part > amax[jl]) {
-                asum[jl] = asum[jl] * exp((double)amax[jl] - (double)part) + 1.0;
-                amax[jl] = part;
-            } else {
-                asum[jl] += exp((double)part - (double)amax[jl]);
-            }
+/* A worker's column buffers for cols_lse: w0, w1, w2, shift, sum (floats) and the
+ * columns' indices, for at least m columns; -1 when out of memory. */
+typedef struct {
+    float *f;
+    int64_t *idx, cap;
+} ColumnBuffer;
+
+static int reserve_columns(ColumnBuffer *b, int64_t m) {
+    if (m < 1) m = 1;
+    if (m <= b->cap) return 0;
+    free(b->f);
+    free(b->idx);
+    b->cap = m;
+    b->f = (float *)malloc(5 * (size_t)m * sizeof(float));
+    b->idx = (int64_t *)malloc((size_t)m * sizeof(int64_t));
+    return b->f && b->idx ? 0 : -1;
+}
+
+/* Merge one part of column j's log-sum-exp, given as a shift and the sum of exponentials
+ * under it, into the worker's running reference amax[j] (the largest shift so far) and
+ * sum asum[j]: one float exponential, no logarithm. */
+static inline void merge_part(float top, double sum, float *amax, double *asum) {
+    if (!(sum > 0.0) || !(top > -INFINITY)) return;
+    if (top > *amax) {
+        *asum = *asum * (double)exp_neg(*amax - top) + sum;
+        *amax = top;
+    } else {
+        *asum += sum * (double)exp_neg(top - *amax);
+    }
+}
+
+/* Tile t's kept columns (its runs, or every column when lo is NULL) against its rows (a,
+ * v: from gather, with their stats), merged into the worker's amax and asum. The loops run
+ * over the columns, which are many, and not over a tile's few rows: the columns are
+ * gathered (w = q - o, structure of arrays), each gets a shift (the Cauchy-Schwarz bound
+ * max a + |w| max|v| when it is within MAX_SLACK of the maximum for every column, else
+ * the maximum itself from a first pass), and each row adds its terms to every column's
+ * sum. */
+static int tile_columns(const float *a, const float *v0, const float *v1, const float *v2, int64_t rows,
+                        const float stats[2], const float *q, const float o[3], float inv_eps,
+                        const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t t, int64_t m_all,
+                        ColumnBuffer *b, float *amax, double *asum) {
+    int64_t m = n_columns(ptr, lo, hi, t, m_all);
+    if (reserve_columns(b, m)) return -1;
+    float *w0 = b->f, *w1 = w0 + b->cap, *w2 = w1 + b->cap, *shift = w2 + b->cap, *sum = shift + b->cap;
+    int64_t k = 0, n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
+    for (int64_t r = 0; r < n_runs; r++) {
+        int64_t j0 = lo ? lo[ptr[t] + r] : 0, j1 = lo ? hi[ptr[t] + r] : m_all;
+        for (int64_t j = j0; j < j1; j++, k++) {
+            w0[k] = q[3 * j] - o[0], w1[k] = q[3 * j + 1] - o[1], w2[k] = q[3 * j + 2] - o[2];
+            b->idx[k] = j;
         }
     }
+    int64_t loose = 0;  /* columns whose bound may exceed their maximum by more than MAX_SLACK */
+    for (k = 0; k < m; k++) {
+        float reach = sqrtf(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * stats[1];
+        shift[k] = stats[0] + reach;
+        sum[k] = 0.0f;
+        if (!(stats[0] > -INFINITY && 2.0f * reach <= MAX_SLACK && shift[k] < INFINITY)) {
+            shift[k] = NAN;
+            loose++;
+        }
+    }
+    if (4 * loose > m) {  /* those take their maximum instead: many, a pass over all */
+        for (k = 0; k < m; k++) shift[k] = -INFINITY;
+        for (int64_t i = 0; i < rows; i++)
+            for (k = 0; k < m; k++) {
+                float z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
+                shift[k] = z > shift[k] ? z : shift[k];
+            }
+    }
+    for (k = 0; loose && 4 * loose <= m && k < m; k++) {  /* few: each on its own */
+        if (shift[k] == shift[k]) continue;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < rows; i++) {
+            float z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
+            top = z > top ? z : top;
+        }
+        shift[k] = top;
+    }
+    int64_t i = 0;  /* four rows per sweep of the columns; at most TILE_ROWS terms per float sum */
+    for (; i + 4 <= rows; i += 4) {
+        const float *A = a + i, *X = v0 + i, *Y = v1 + i, *Z = v2 + i;
+        for (k = 0; k < m; k++) {
+            float c0 = w0[k], c1 = w1[k], c2 = w2[k], sh = shift[k];
+            sum[k] += exp_neg(A[0] + X[0] * c0 + Y[0] * c1 + Z[0] * c2 - sh) +
+                      exp_neg(A[1] + X[1] * c0 + Y[1] * c1 + Z[1] * c2 - sh) +
+                      exp_neg(A[2] + X[2] * c0 + Y[2] * c1 + Z[2] * c2 - sh) +
+                      exp_neg(A[3] + X[3] * c0 + Y[3] * c1 + Z[3] * c2 - sh);
+        }
+    }
+    for (; i < rows; i++)
+        for (k = 0; k < m; k++) sum[k] += exp_neg(a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k] - shift[k]);
+    for (k = 0; k < m; k++) {
+        float top = (float)(shift[k] - 0.5 * (double)(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * inv_eps);
+        merge_part(top, (double)sum[k], amax + b->idx[k], asum + b->idx[k]);
+    }
+    return 0;
 }
 
 /* Per tile: for each kept column j, log sum_i exp(hp_i - |p_i - q_j|^2 / (2 eps)) over the
@@ -252,22 +330,25 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
     float inv_eps = 1.0f / eps;
     int64_t cap = 0;
     float *buf = NULL;
+    ColumnBuffer cols = {NULL, NULL, 0};
+    int status = 0;
     int64_t first = ((worker - t_offset) % n_workers + n_workers) % n_workers;
-    for (int64_t t = first; t < n_tiles; t += n_workers) {
+    for (int64_t t = first; t < n_tiles && status == 0; t += n_workers) {
         int64_t rows = r1[t] - r0[t];
-        if (!reserve(&buf, &cap, rows)) return -1;
+        if (!reserve(&buf, &cap, rows)) {
+            status = -1;
+            break;
+        }
         float o[3];
         centroid(p, r0[t], r1[t], o);
         float *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap, stats[2];
         gather(p, hp, NULL, NULL, NULL, t, r0[t], rows, o, inv_eps, a, u0, u1, u2, stats);
-        int64_t n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
-        for (int64_t r = 0; r < n_runs; r++) {
-            int64_t j0 = lo ? lo[ptr[t] + r] : 0, j1 = lo ? hi[ptr[t] + r] : m_all;
-            process_columns(a, u0, u1, u2, rows, stats, q, o, inv_eps, j0, j1, amax, asum);
-        }
+        status = tile_columns(a, u0, u1, u2, rows, stats, q, o, inv_eps, ptr, lo, hi, t, m_all, &cols, amax, asum);
     }
     free(buf);
-    return 0;
+    free(cols.f);
+    free(cols.idx);
+    return status;
 }
 
 /* Screening of a truncated Sinkhorn pair, p = 2 (the quadratic bound of truncate_pair).

@@ -187,7 +187,7 @@ def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tenso
     r"""Merge, per kept column j, :math:`\log\sum_i \exp(hp_i - |p_i - q_j|^2 / 2\varepsilon)`.
 
     Tiles as in :func:`rows_lse`, the sums running down the tiles' rows. ``amax (W, M)``
-    float32 and ``asum (W, M)`` float64 hold one running maximum and sum per worker thread
+    float32 and ``asum (W, M)`` float64 hold one running reference and sum per worker thread
     (start from -inf and 0); :func:`merge_workers` then gives the log-sum-exp of each
     column. Worker w takes the tiles t with ``(t + t_offset) % W == w``: with ``t_offset``
     the index of the call's first tile, the sums come out the same however the tiles are cut
@@ -200,7 +200,7 @@ def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tenso
 
 
 def merge_workers(amax: torch.Tensor, asum: torch.Tensor) -> torch.Tensor:
-    """``(M,)`` log-sum-exps from the workers' running maxima ``amax`` and sums ``asum``; -inf: none."""
+    """``(M,)`` log-sum-exps from the workers' running references ``amax`` and sums ``asum``; -inf: none."""
     top = amax.amax(0)
     safe = torch.where(top > -torch.inf, top, 0.0)
     scale = torch.where(amax > -torch.inf, (amax - safe).double().exp(), 0.0)
