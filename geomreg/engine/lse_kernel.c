@@ -242,14 +242,15 @@ static int reserve_columns(ColumnBuffer *b, int64_t m) {
 
 /* Merge one part of column j's log-sum-exp, given as a shift and the sum of exponentials
  * under it, into the worker's running reference amax[j] (the largest shift so far) and
- * sum asum[j]: one float exponential, no logarithm. */
+ * sum asum[j]: one exponential in double (float32's would make the sums depend on the
+ * order of the merges, hence on the number of threads, at 1e-7), no logarithm. */
 static inline void merge_part(float top, double sum, float *amax, double *asum) {
     if (!(sum > 0.0) || !(top > -INFINITY)) return;
     if (top > *amax) {
-        *asum = *asum * (double)exp_neg(*amax - top) + sum;
+        *asum = *asum * exp((double)*amax - (double)top) + sum;
         *amax = top;
     } else {
-        *asum += sum * (double)exp_neg(top - *amax);
+        *asum += sum * exp((double)top - (double)*amax);
     }
 }
 
