@@ -739,11 +739,12 @@ def _fit_options(model: str, surface: bool, kw: dict) -> dict:
     return out | ({"debias": False} if model == "rigid" else {})
 
 
-def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw, fit_kw=None):
+def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw, fit_kw):
     """From each start, ``fits`` transform fits per blur of ``blurs``: the poses, values, fits run.
 
     ``fit_kw``: options of the fits' Sinkhorn problems on top of ``kw`` (the values at the
-    end use ``kw`` alone).
+    end use ``kw`` alone). The target does not move: a fit warm-started from the previous
+    one keeps its own potential (``fixed_target``).
 
     Every start runs in one batched Sinkhorn problem per fit (a registration's problems are
     small: the loop's per-call work is shared by the starts). Within a level each fit starts
@@ -757,13 +758,13 @@ def _transport_stage(model, xs, ys, rotations, scale0, blurs, fits, reach, kw, f
     poses = [(scale0 * rot, cb - scale0 * rot @ ca) for rot in rotations]
     twin: dict[int, int] = {}  # start -> the earlier start it follows
     active, n_fits = list(range(len(rotations))), 0
+    fit = kw | fit_kw
     for sigma in blurs:
         # at a coarse blur a reach below it would drop everything: it grows with the blur
         level_reach = None if reach is None else max(reach, REACH_PER_BLUR * sigma)
         running, r = list(active), None  # within a level each fit starts from the previous potentials
         for _ in range(fits):
             z = torch.stack([xs @ poses[i][0].T + poses[i][1] for i in running])
-            fit = kw | (fit_kw or {})  # the target does not move: a warm start keeps its own potential
             r = divergence(z, ys.expand(len(running), *ys.shape), blur=sigma, reach=level_reach, field=True,
                            init=r, certify=False, fixed_target=r is not None and fit.get("debias", True),
                            **_batched(fit, len(running)))

@@ -211,7 +211,7 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
             continue;
         }
         for (int64_t i = r0[t], R; i < r1[t]; i += R) {  /* with means, one row at a time: fewer
-                                                                 accumulators (16 % faster than 4) */
+                                                                 accumulators (bunny: 15 ms, 18 with 4) */
             R = r1[t] - i >= 4 && !mean ? 4 : 1;
             float lse[4];
             points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse, mean ? mean + 3 * i : NULL);

@@ -41,8 +41,9 @@ def _logsumexp_last(z: torch.Tensor) -> torch.Tensor:
     if z.requires_grad:
         m = z.amax(dim=-1, keepdim=True)
         e = z - m
-        if _exp_floor(z) is not None:
-            e = e.clamp(min=_exp_floor(z))
+        floor = _exp_floor(z)
+        if floor is not None:
+            e = e.clamp(min=floor)
         return e.exp().sum(-1).log() + m.squeeze(-1)
     e, m = _shifted_exp_(z)
     return e.sum(-1).log_().add_(m.squeeze(-1))
@@ -56,8 +57,9 @@ def _shifted_exp_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``exp(z - m)`` in ``z``'s memory and the row maxima m ``(..., 1)``; clamped as in _logsumexp_last."""
     m = z.amax(dim=-1, keepdim=True)
     z.sub_(m)
-    if _exp_floor(z) is not None:
-        z.clamp_(min=_exp_floor(z))
+    floor = _exp_floor(z)
+    if floor is not None:
+        z.clamp_(min=floor)
     return z.exp_(), m
 
 
