@@ -28,7 +28,7 @@ number of cubes of side :math:`\sigma` that the source occupies. A displacement 
 dimension, so :math:`\lambda` weighs a mean squared displacement against the data term's mean
 squared distance: it is dimensionless, and one default fits curves, surfaces and volumes. Each outer iteration
 solves one Sinkhorn problem at the current warp (warm-started from the previous one's
-potentials) and takes the barycentres :math:`y_i` that the plan sends the moved points
+potentials, also across levels) and takes the barycentres :math:`y_i` that the plan sends the moved points
 :math:`\phi(x_i)` to, with the mass :math:`w_i` each sends (``field``): for ``p = 2`` the
 quadratic :math:`\tfrac12 \sum_i w_i |\phi(x_i) - y_i|^2` has the divergence's gradient at
 the current warp, so minimising it plus :math:`\tfrac{\lambda}{2} R` is a majorise-minimise
@@ -61,7 +61,7 @@ import torch
 from .errors import InputError, ParameterError
 
 #: the clouds the warp is fitted on hold about this many points (resampled when larger)
-FIT_POINTS = 4000
+FIT_POINTS = 2000
 #: default kernel width, as a share of the diagonal of the clouds' bounding box
 SIGMA_PER_SPAN = 0.15
 #: default smoothness weight lambda (dimensionless, see the module's docstring)
@@ -333,7 +333,8 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     ``kw`` carries the divergence's other arguments (``a``, ``b``: the weights of ``z`` and ``y``).
     """
     from .api import divergence
-    from .registration import REACH_PER_BLUR, _cells
+    from .defaults import TOL
+    from .registration import REACH_PER_BLUR, TRANSPORT_TOL, _cells
 
     if kind not in KINDS:
         raise ParameterError("model", f"the smooth part is one of {', '.join(KINDS)}, not {kind!r}")
@@ -361,14 +362,15 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
         return shift
 
     # followed by the nearest-neighbour stage, transport only has to bring the warp into its
-    # basin: float32, where the compiled multiscale kernel runs (as register's transport stage)
-    loop_kw = kw if surface is None else dict(kw, dtype="float32")
+    # basin: float32, where the compiled multiscale kernel runs, to register's transport
+    # stage's tolerance (see registration._fit_options)
+    loop_kw = kw if surface is None else dict(kw, dtype="float32", tol=max(kw.get("tol", TOL), TRANSPORT_TOL))
+    r = None  # each fit starts from the last one's potentials, a new level's first as an epsilon-scaling step
     for eps in blurs:
-        r = None  # the potentials of one blur warm-start the next fit at that blur only
         level_reach = None if reach is None else max(reach, REACH_PER_BLUR * eps)
-        for _ in range(fits):  # y does not move: a warm start keeps its own potential (fixed_target)
+        for i in range(fits):  # y does not move: a warm start keeps its own potential (fixed_target)
             r = divergence(moved, y, blur=eps, reach=level_reach, field=True, init=r, certify=False,
-                           fixed_target=r is not None and loop_kw.get("debias", True), **loop_kw)
+                           fixed_target=i > 0 and loop_kw.get("debias", True), **loop_kw)
             if improve(moved + r.field.to(moved), r.plan.row_mass().to(moved)) < FIT_STOP * eps:
                 break
         trace.append({"blur": eps, "fits": n_fits, "value": float(r.value)})
@@ -384,8 +386,11 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
                     break
         trace.append({"surface": True, "fits": n_fits})
     warp = Warp(kind, base.matrix, c, coef.detach(), sigma, steps if kind == "diffeo" else 0)
-    # the value at the fitted warp, from the last solve's potentials (at this blur: the schedule is skipped)
-    final = divergence(moved, y, blur=blur, reach=reach, certify=False, init=r, **kw)
+    # the value at the fitted warp, from the last solve's potentials (at this blur: the schedule is
+    # skipped), to the caller's tolerance, in the fits' dtype (float32's rounding, about 1e-7 of
+    # the value, is far below that tolerance's error)
+    final = divergence(moved, y, blur=blur, reach=reach, certify=False, init=r,
+                       **dict(loop_kw, tol=kw.get("tol", TOL)))
     return Fit(warp, float(final.value), warp.smoothness(), n_fits, trace)
 
 

@@ -605,6 +605,13 @@ def register(
                                    flow=moved, value=moved.steps[-1].loss, time_s=clock.elapsed,
                                    times={**rigid.times, **clock.times})
 
+    return _register_global(x, y, clock, model=model, blur=blur, reach=reach, levels=levels, fits=fits,
+                            starts=starts, voxel=voxel, surface=surface, polish=True, **kwargs)
+
+
+def _register_global(x, y, clock, *, model, blur, reach, levels, fits, starts, voxel, surface, polish,
+                     **kwargs) -> RegisterResult:
+    """:func:`register`'s rigid, similarity or affine fit; ``polish``: see :func:`_surface_stage`."""
     if model not in MODELS:
         raise ParameterError("model", f"one of {', '.join(MODELS)}, not {model!r}")
     if kwargs.get("loss", "sinkhorn") != "sinkhorn":
@@ -649,7 +656,7 @@ def register(
     if surface:
         with clock("surface"):
             poses, overlaps, k, iters = _surface_stage(x_full, y_full, a_full, poses, model, blur, xs,
-                                                       coarse)
+                                                       coarse, polish)
         n_fits += iters
     else:
         k = int(np.argmin(values))
@@ -663,8 +670,8 @@ def register(
                           model, overlaps, voxel, time_s=clock.elapsed, times=clock.times)
 
 
-def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma, lam, controls, steps,
-                   **kwargs) -> RegisterResult:
+def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, starts, voxel, surface, sigma, lam,
+                   controls, steps, **kwargs) -> RegisterResult:
     """The global fit of model ``pre``, then the smooth warp ``smooth`` (:func:`geomreg.deform.fit_warp`)."""
     from . import deform
 
@@ -673,25 +680,24 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, sigma
     lam = deform.LAMBDA if lam is None else lam
     steps = deform.DIFFEO_STEPS if steps is None else steps
     deform.check_options(sigma, lam, steps)
-    glob = register(x, y, model=pre, blur=blur, reach=reach, levels=levels, fits=fits, **kwargs)
+    # the warp's own stages refine the global pose: the surface stage's polish is skipped
+    glob = _register_global(x, y, clock, model=pre, blur=blur, reach=reach, levels=levels, fits=fits,
+                            starts=starts, voxel=voxel, surface=surface, polish=False, **kwargs)
     x_full, y_full, a, b = _unpack(x, y, kwargs)
     with clock(smooth):
         z, wa = _fit_cloud(glob.registered, a)
         ys, wb = _fit_cloud(y_full, b)
         sigma = deform.default_sigma(glob.registered, y_full) if sigma is None else sigma
-        kw = dict(kwargs, a=wa, b=wb)
-        kw.pop("voxel", None), kw.pop("surface", None), kw.pop("starts", None)
         fitted = deform.fit_warp(smooth, z, ys, glob.as_warp(), blur=blur, reach=reach, levels=levels,
                                  fits=max(fits, 5), sigma=sigma, lam=lam, controls=controls, steps=steps,
-                                 kw=kw,
-                                 surface=y_full if kwargs.get("surface", True) else None)
+                                 kw=dict(kwargs, a=wa, b=wb), surface=y_full if surface else None)
         registered = fitted.warp(x_full)
     with clock("jacobian"):
         dets = fitted.warp.jacobian_determinants(x_full)
     return dataclasses.replace(glob, registered=registered, model=f"{pre}+{smooth}", value=fitted.value,
                                n_fits=glob.n_fits + fitted.n_fits, warp=fitted.warp, lam=lam,
                                smoothness=fitted.smoothness, min_jacobian=float(dets.min()),
-                               time_s=clock.elapsed, times={**glob.times, **clock.times})
+                               time_s=clock.elapsed, times=clock.times)
 
 
 def _unpack(x: Any, y: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
@@ -817,8 +823,8 @@ def _apart(xs, pose, other) -> float:
     return float((xs @ (pose[0] - other[0]).T + (pose[1] - other[1])).norm(dim=1).max())
 
 
-def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
-    """Screen every distinct pose, refine the best ``SURFACE_KEEP`` fully, polish the winner.
+def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse, polish):
+    """Screen every distinct pose, refine the best ``SURFACE_KEEP`` fully, polish the winner (``polish``).
 
     Screening: a short refinement (``SCREEN_ITERATIONS`` per scale) on ``SCREEN_POINTS`` of
     the source, then the overlap; a start whose transport pose was within half a blur of an
@@ -874,7 +880,7 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse):
         iters += n
         pose[i], score_of[i] = (lin, t), score((lin, t))
     k = max(best, key=lambda i: score_of[i])
-    if len(x_full) > len(refine[0]):  # the winner, on more of the source at the finest scale
+    if polish and len(x_full) > len(refine[0]):  # the winner, on more of the source at the finest scale
         lin, t, n = run(pose[k], scales[-1:], part(POLISH_POINTS))
         iters += n
         pose[k] = (lin, t)
