@@ -72,6 +72,13 @@ CONTROL_SPACING = 0.5
 MAX_CONTROLS = 2000
 #: a level ends once an outer iteration moves no point by more than this many blurs
 FIT_STOP = 0.05
+#: the spline's outer iterations go this many times the majorise-minimise step (over-relaxed):
+#: bench_warp's cases at 5000 points, seeds 0-2, 1.5 and 4 iterations per level against 1 and 5:
+#: landmark errors no higher in 8 of the 9 cases (the fish 1.75, 2.62, 2.94 % against 1.85,
+#: 2.84, 3.15 %; one bunny 1.59 against 1.58 %), the fits 0.1-0.3 s shorter
+OVER_RELAX = 1.5
+#: ``register`` runs at least this many outer iterations per level of a warp's fit
+WARP_FITS = 4
 #: L-BFGS iterations per outer iteration of the diffeomorphism
 DIFFEO_LBFGS = 8
 #: the diffeomorphism's surrogate is fitted on the weighted means of cubes of this many sigmas
@@ -351,7 +358,7 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
         """One majorise-minimise step towards ``target`` (weights ``w``); returns the largest move."""
         nonlocal moved, coef, n_fits
         if kind == "spline":
-            coef = _spline_step(g, gram, z, target, w, lam)
+            coef = coef + OVER_RELAX * (_spline_step(g, gram, z, target, w, lam) - coef)
             now = z + g @ coef
         else:
             coef = _diffeo_step(c, coef, *_cell_means(cells, z, target, w), lam, sigma, steps)

@@ -689,8 +689,9 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, start
         ys, wb = _fit_cloud(y_full, b)
         sigma = deform.default_sigma(glob.registered, y_full) if sigma is None else sigma
         fitted = deform.fit_warp(smooth, z, ys, glob.as_warp(), blur=blur, reach=reach, levels=levels,
-                                 fits=max(fits, 5), sigma=sigma, lam=lam, controls=controls, steps=steps,
-                                 kw=dict(kwargs, a=wa, b=wb), surface=y_full if surface else None)
+                                 fits=max(fits, deform.WARP_FITS), sigma=sigma, lam=lam, controls=controls,
+                                 steps=steps, kw=dict(kwargs, a=wa, b=wb),
+                                 surface=y_full if surface else None)
         registered = fitted.warp(x_full)
     with clock("jacobian"):
         dets = fitted.warp.jacobian_determinants(x_full)
