@@ -35,7 +35,8 @@ the current warp, so minimising it plus :math:`\tfrac{\lambda}{2} R` is a majori
 (EM-like) step, as in coherent point drift but with a transport plan in place of CPD's
 N x M Gaussian mixture. For the spline that step is one ``K x K`` linear solve,
 :math:`(G^\top W G + \lambda K_{CC})\,\alpha = G^\top W (y - z)` with
-:math:`G_{ik} = K_\sigma(z_i, c_k)`; for the diffeomorphism, a few L-BFGS iterations on the
+:math:`G_{ik} = K_\sigma(z_i, c_k)`, and the coefficients go ``OVER_RELAX`` times the way
+from their current values to its solution; for the diffeomorphism, a few L-BFGS iterations on the
 initial momenta, warm-started. Points that send little mass (with ``reach``: outliers, parts
 missing from the other scan) barely count, and the smoothness carries the warp across them.
 Blurs go coarse to fine over ``levels`` levels, at most ``fits`` outer iterations each (a

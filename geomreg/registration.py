@@ -852,10 +852,6 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse, polis
         return (x_full[rows], None if a_full is None else a_full[rows], source.planes(rows)[0],
                 _subset(len(y_full), count))
 
-    def run(pose, scales, part):
-        x, a, centres, back = part
-        return surf.refine(x, target, *pose, scales, model, a, centres, source=source, back=back)
-
     def score(pose):
         return surf.pose_overlap(source, target, *pose, blur, a_full, queries=REFINE_POINTS)
 
@@ -876,13 +872,16 @@ def _surface_stage(x_full, y_full, a_full, poses, model, blur, xs, coarse, polis
     top = max(score_of.values())
     best = [i for i in sorted(score_of, key=lambda i: -score_of[i])[:SURFACE_KEEP]
             if score_of[i] >= SURFACE_CLOSE * top]
-    for i in best:
-        lin, t, n = run(pose[i], scales, refine)
-        iters += n
-        pose[i], score_of[i] = (lin, t), score((lin, t))
+    x, a, centres, back = refine  # the best ones at once: one search of the target per iteration
+    found, n = surf.refine_many(x, target, [pose[i] for i in best], scales, model, a, centres, source=source,
+                                back=back)
+    iters += n
+    for i, p in zip(best, found, strict=True):
+        pose[i], score_of[i] = p, score(p)
     k = max(best, key=lambda i: score_of[i])
     if polish and len(x_full) > len(refine[0]):  # the winner, on more of the source at the finest scale
-        lin, t, n = run(pose[k], scales[-1:], part(POLISH_POINTS))
+        x, a, centres, back = part(POLISH_POINTS)
+        lin, t, n = surf.refine(x, target, *pose[k], scales[-1:], model, a, centres, source=source, back=back)
         iters += n
         pose[k] = (lin, t)
     return [pose[i] for i in shares], [score_of[i] for i in shares], k, iters
