@@ -75,7 +75,8 @@ def register(
     blur: o.Blur = defaults.BLUR,
     reach: o.Reach = None,
     levels: Annotated[
-        int, typer.Option(help="Blur levels, from a quarter of the diameter down to --blur.")
+        int, typer.Option(help="Blur levels of the global fit, from a quarter of the diameter down to "
+                          "--blur (a warp's own levels halve from 4 blurs).")
     ] = 4,
     fits: Annotated[int, typer.Option(help="Transform fits per level.")] = 4,
     voxel: Annotated[

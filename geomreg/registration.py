@@ -688,7 +688,7 @@ def _register_warp(x, y, pre, smooth, clock, *, blur, reach, levels, fits, start
         z, wa = _fit_cloud(glob.registered, a)
         ys, wb = _fit_cloud(y_full, b)
         sigma = deform.default_sigma(glob.registered, y_full) if sigma is None else sigma
-        fitted = deform.fit_warp(smooth, z, ys, glob.as_warp(), blur=blur, reach=reach, levels=levels,
+        fitted = deform.fit_warp(smooth, z, ys, glob.as_warp(), blur=blur, reach=reach,
                                  fits=max(fits, deform.WARP_FITS), sigma=sigma, lam=lam, controls=controls,
                                  steps=steps, kw=dict(kwargs, a=wa, b=wb),
                                  surface=y_full if surface else None)
