@@ -72,8 +72,8 @@ def flow(
     sinkhorn_tol: Annotated[
         float | None,
         typer.Option(help="Marginal-error tolerance of each Sinkhorn evaluation (distance's --tol); "
-                     "default 1e-3 (1e-4 for a warm-started last step, whose loss is the result).",
-                     show_default=False),
+                     "default 1e-4 (warm-started steps need more than "
+                     "distance's 1e-3 for their losses to decrease smoothly).", show_default=False),
     ] = None,
     max_iter: o.MaxIter = defaults.MAX_ITER,
     backend: o.Backend = "auto",

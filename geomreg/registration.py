@@ -240,25 +240,19 @@ def flow(
     epsilon schedule, iterations at the final temperature only; extrapolated from the last
     two steps, see :func:`_extrapolated`). ``warm_start=True`` always does; ``"auto"`` (the
     default) does while the last warm start took fewer iterations than the last cold solve
-    (see :func:`_warm_now`): the 8171-point bunny pair at blur 0.05 took 192 iterations over
+    (see :func:`_warm_now`): the 8171-point bunny pair at blur 0.05 took 286 iterations over
     50 steps against 689 cold (float32), but on two 2-D ellipses at blur 0.03, whose steps
     move the points far, warm starts without the extrapolation took 2249 against 997.
     ``warm_start=False`` solves every step from the top of the schedule and differentiates it, as earlier
     versions did.
 
-    Warm-started steps converge to ``WARM_TOL`` (1e-3, divergence's default; the last step
-    to ``LAST_TOL``, 1e-4) unless ``sinkhorn_tol`` says otherwise. Their values, each within
-    its tolerance of the truth but not all on the same side (cold solves, which all follow
-    the same schedule, err alike from step to step), zigzag by more than the decrease of a
-    small loss: on the bunny pair they went alternately up and down by 10 to 40 % from step
-    21 on, while the field predicted a decrease of 3 % or more a step. So a warm step
-    whose relative decrease is below ``tol`` ends the flow only if cold solves of its points
-    and the previous step's agree (the last step then takes the cold value), and it is not
-    even checked while the step's field predicts a decrease of more than ``NOISE_MARGIN``
-    times ``tol``: :math:`\text{lr} \sum_i a_i |v_i|^2 / |L|` (v the field; the first-order
-    decrease of the next step), 0.03 to 0.38 on the bunny pair. The bunny pair's 50 steps
-    (float32): 6.8-7.0 s at 1e-3 against 9.9 s at 1e-4, 192 iterations against 286, the final
-    points' converged S within 0.1 %.
+    Warm-started steps converge to ``WARM_TOL`` (1e-4; cold ones to divergence's default)
+    unless ``sinkhorn_tol`` says otherwise: warm values, each within its tolerance of the
+    truth but not all on the same side (cold solves, which all follow the same schedule,
+    err alike from step to step), zigzag by more than the decrease of a small loss (the
+    bunny pair at 1e-3: a rise at step 32, where the loss was 3e-6, stopped the flow). So a
+    warm step whose relative decrease is below ``tol`` ends the flow only if cold solves of
+    its points and the previous step's agree.
 
     Args:
         x, y: source and target (points or Measures), one pair.
@@ -267,8 +261,7 @@ def flow(
         tol: stop when the relative decrease of the loss over a step is below ``tol``.
         on_step: called with each :class:`FlowStep` and the current points ``(N, D)``.
         sinkhorn_tol: the ``tol`` of each Sinkhorn evaluation (default: ``WARM_TOL`` for
-            warm-started ones, ``LAST_TOL`` for a warm-started last step, divergence's for
-            the others).
+            warm-started ones, divergence's for the others).
         apply: other points ``(K, D)`` (or a Measure) carried by the flow: each step moves
             them by ``lr`` times the transport field at their positions
             (:meth:`~geomreg.transport.TransportPlan.field_at`), the field that moves the
@@ -319,8 +312,6 @@ def flow(
     # target does not move, so its own potential is kept from the previous step (fixed_target)
     evaluate_warm = dict(evaluate, tol=WARM_TOL if sinkhorn_tol is None else sinkhorn_tol,
                          fixed_target=kwargs.get("debias", True))
-    # the last step's value is the flow's result: the tighter LAST_TOL (see above)
-    evaluate_last = dict(evaluate_warm, tol=LAST_TOL if sinkhorn_tol is None else sinkhorn_tol)
     log: list[FlowStep] = []
     stopped, result, before = "steps", None, None
     field_steps = by_field and warm_start is not False
@@ -332,34 +323,22 @@ def flow(
             warm = {"init": _extrapolated(result.duals, last_duals)}
         last_duals = None if result is None else result.duals
         with clock("loss"):
-            options = evaluate if not warm else evaluate_last if k == steps else evaluate_warm
             if field_steps:
-                result = divergence(pts, y, field=True, **warm, **options)
+                result = divergence(pts, y, field=True, **warm, **(evaluate_warm if warm else evaluate))
             else:
                 p = pts.detach().requires_grad_(True)
-                result = divergence(p, y, **warm, **options)
+                result = divergence(p, y, **warm, **(evaluate_warm if warm else evaluate))
         iters["warm" if warm else "cold"] = result.n_iter
         loss = result.value.item()
-        # the relative decrease the step's field predicts for the next step, to first order:
-        # lr * sum_i a_i |v_i|^2 / |loss| (v the field, -grad / a); 0 where no field
-        predicted = 0.0
-        if field_steps and loss != 0:
-            predicted = lr * float((w * result.field.to(w).square().sum(1)).sum()) / abs(loss)
         prev = log[-1].loss if log else None
         rel = None if prev is None else (prev - loss) / abs(prev) if prev != 0 else 0.0
         step = FlowStep(k, loss, rel, clock.elapsed, result.n_iter)
         log.append(step)
         if on_step is not None:
             on_step(step, pts)
-        if rel is not None and rel < tol and not warm:
+        if rel is not None and rel < tol and (not warm or _confirmed(before, pts, y, tol, evaluate)):
             stopped = "tol"
             break
-        if warm and rel is not None and rel < tol and not predicted > NOISE_MARGIN * tol:
-            cold = _confirmed(before, pts, y, tol, evaluate)  # the last step takes the cold value
-            if cold is not None:
-                result, log[-1] = cold, dataclasses.replace(step, loss=cold.value.item())
-                stopped = "tol"
-                break
         if k == steps:
             break
         before = pts
@@ -413,24 +392,17 @@ def _warm_now(mode: bool | str, sinkhorn: bool, last: Any, iters: dict, k: int) 
     return iters["warm"] < iters["cold"] or k % WARM_RETRY == 0
 
 
-#: the Sinkhorn tolerance of warm-started flow steps, and of the last one (see :func:`flow`)
-WARM_TOL, LAST_TOL = 1e-3, 1e-4
-#: a warm step's apparent stall is noise when its field predicts a decrease this many times
-#: ``tol`` (see :func:`flow`)
-NOISE_MARGIN = 10.0
+#: the Sinkhorn tolerance of flow steps that may be warm-started (see :func:`flow`)
+WARM_TOL = 1e-4
 #: a flow whose warm starts stopped paying tries one again every this many steps
 WARM_RETRY = 5
 
 
-def _confirmed(before: torch.Tensor, now: torch.Tensor, y: Any, tol: float, evaluate: dict):
-    """Cold solves (the whole schedule) of the last two steps' points: the last one's, or None.
-
-    None unless they agree that the loss stalled (fell by less than ``tol``).
-    """
+def _confirmed(before: torch.Tensor, now: torch.Tensor, y: Any, tol: float, evaluate: dict) -> bool:
+    """Whether cold solves (the whole schedule) of the last two steps' points agree that the loss stalled."""
     with torch.no_grad():
-        old, new = (divergence(p, y, **evaluate) for p in (before, now))
-    drop = old.value.item() - new.value.item()
-    return new if old.value.item() == 0 or drop / abs(old.value.item()) < tol else None
+        old, new = (divergence(p, y, **evaluate).value.item() for p in (before, now))
+    return old == 0 or (old - new) / abs(old) < tol
 
 
 MODELS = ("rigid", "similarity", "affine", "rigid+flow")

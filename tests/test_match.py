@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -135,8 +134,7 @@ def test_flow_registers_and_stops_when_the_loss_stalls():
     losses = [s.loss for s in r.steps]
     assert losses[-1] < 1e-3 * losses[0] and r.stopped == "steps" and len(r.steps) == 51
     # the stopping rule: the first step whose relative decrease is below tol ends the flow
-    # (values precise enough that none is below tol by error: sinkhorn_tol)
-    r = geomreg.flow(x, y, tol=0.3, sinkhorn_tol=1e-5, **kw)
+    r = geomreg.flow(x, y, tol=0.3, **kw)
     assert r.stopped == "tol" and len(r.steps) < 51
     assert r.steps[-1].rel_decrease < 0.3 <= min(s.rel_decrease for s in r.steps[1:-1])
 
@@ -696,35 +694,3 @@ def test_fixed_target_keeps_the_targets_own_potential_and_the_value():
     for bad in (dict(), dict(init=first, debias=False)):
         with pytest.raises(geomreg.ParameterError, match="fixed_target"):
             geomreg.divergence(x, y, blur=0.05, fixed_target=True, **bad)
-
-
-def test_warm_flow_ignores_a_stall_its_field_contradicts(monkeypatch):
-    """Warm values that zigzag (simulated here) trigger no cold confirmation while the field
-    predicts a decrease of more than NOISE_MARGIN * tol; without that rule they do."""
-    from geomreg import registration
-
-    x, y = ellipses(200, 180)
-    real = registration.divergence
-    seen = {"warm": 0, "confirm": 0}
-
-    def zigzag(*args, **kwargs):
-        r = real(*args, **kwargs)
-        if kwargs.get("init") is None:
-            return r
-        seen["warm"] += 1
-        return dataclasses.replace(r, value=r.value * (1.5 if seen["warm"] % 2 else 0.5))
-
-    real_confirm = registration._confirmed
-
-    def confirm(*args, **kwargs):
-        seen["confirm"] += 1
-        return real_confirm(*args, **kwargs)
-
-    monkeypatch.setattr(registration, "divergence", zigzag)
-    monkeypatch.setattr(registration, "_confirmed", confirm)
-    kw = dict(blur=0.03, dtype="float64", backend="tensorized", steps=8, tol=1e-3, warm_start=True)
-    r = geomreg.flow(x, y, **kw)
-    assert seen["warm"] >= 8 and seen["confirm"] == 0 and r.stopped == "steps"
-    monkeypatch.setattr(registration, "NOISE_MARGIN", math.inf)
-    r = geomreg.flow(x, y, **kw)
-    assert seen["confirm"] > 0 and r.stopped == "steps"  # the cold solves refute every dip
