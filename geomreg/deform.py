@@ -359,7 +359,7 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     cells = None if kind == "spline" else torch.unique(_cells(z, DIFFEO_CELL * sigma), return_inverse=True)[1]
     span = float(torch.cat([z, y]).amax(0).sub(torch.cat([z, y]).amin(0)).norm())
     start = max(min(span / 8, WARP_FROM * blur), blur)
-    count = 1 + math.ceil(math.log(start / blur) / math.log(WARP_RATIO) - 1e-9)  # 1e-9: 4 / 2 / 2 = 1
+    count = 1 + math.ceil(math.log(start / blur) / math.log(WARP_RATIO) - 1e-9)  # log 4 / log 2 may round up
     blurs = np.geomspace(start, blur, count).tolist()
     moved, coef, n_fits, trace = z, torch.zeros_like(c), 0, []
 
@@ -403,8 +403,8 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
         trace.append({"surface": True, "fits": n_fits})
     warp = Warp(kind, base.matrix, c, coef.detach(), sigma, steps if kind == "diffeo" else 0)
     # the value at the fitted warp, from the last solve's potentials (at this blur: the schedule is
-    # skipped), to the caller's tolerance, in the fits' dtype (float32's rounding, about 1e-7 of
-    # the value, is far below that tolerance's error)
+    # skipped), to the caller's tolerance, in the fits' dtype (bench_warp's bunny at 5000 points:
+    # 0.20 s, against 0.79 s in float64)
     final = divergence(moved, y, blur=blur, reach=reach, certify=False, init=r,
                        **dict(loop_kw, tol=kw.get("tol", TOL)))
     return Fit(warp, float(final.value), warp.smoothness(), n_fits, trace)
