@@ -348,7 +348,7 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
     """
     from .api import divergence
     from .defaults import TOL
-    from .registration import REACH_PER_BLUR, TRANSPORT_TOL, _cells
+    from .registration import REACH_PER_BLUR, _cells, _fit_options
 
     if kind not in KINDS:
         raise ParameterError("model", f"the smooth part is one of {', '.join(KINDS)}, not {kind!r}")
@@ -378,9 +378,9 @@ def fit_warp(kind: str, z: torch.Tensor, y: torch.Tensor, base: Warp, *, blur: f
         return shift
 
     # followed by the nearest-neighbour stage, transport only has to bring the warp into its
-    # basin: float32, where the compiled multiscale kernel runs, to register's transport
-    # stage's tolerance (see registration._fit_options)
-    loop_kw = kw if surface is None else dict(kw, dtype="float32", tol=max(kw.get("tol", TOL), TRANSPORT_TOL))
+    # basin: float32, where the compiled multiscale kernel runs, with the options of
+    # register's transport fits (its tolerance)
+    loop_kw = kw if surface is None else dict(kw, dtype="float32") | _fit_options(kind, True, kw)
     r = None  # each fit starts from the last one's potentials, a new level's first as an epsilon-scaling step
     for eps in blurs:
         level_reach = None if reach is None else max(reach, REACH_PER_BLUR * eps)

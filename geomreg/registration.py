@@ -728,7 +728,7 @@ def _fit_cloud(p: torch.Tensor, w: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fit_options(model: str, surface: bool, kw: dict) -> dict:
-    """The transport fits' own Sinkhorn options, on top of ``kw``.
+    """The transport fits' own Sinkhorn options, on top of ``kw`` (a warp's fits too: model spline, diffeo).
 
     Followed by the surface stage, transport only has to land in its basin, and the surface
     stage and the final divergence keep the caller's options: the fits are solved in float32
