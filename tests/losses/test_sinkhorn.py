@@ -392,6 +392,27 @@ def test_warm_start_skips_the_schedule(backend):
     assert abs(warm_moved.value.item() - cold_moved.value.item()) <= cold_moved.error_bound
 
 
+def test_converged_problems_stop_updating(monkeypatch):
+    """The (a, b) problem, once within tol, is not iterated while a symmetric one still is."""
+    import geomreg.losses.sinkhorn as sk
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(300, 3, generator=g), torch.rand(250, 3, generator=g) + 0.2
+    kw = dict(blur=0.05, tol=1e-4)
+    cold = geomreg.divergence(x, y, **kw)
+    start = cold.duals._replace(xx=cold.duals.xx + 0.02 * torch.rand(cold.duals.xx.shape, generator=g))
+    counts, update = {}, sk._Run.update
+    def counted(self, key, *args, **kwargs):
+        counts[key] = counts.get(key, 0) + 1
+        return update(self, key, *args, **kwargs)
+    monkeypatch.setattr(sk._Run, "update", counted)
+    warm = geomreg.divergence(x, y, init=start, **kw)
+    assert warm.converged
+    assert counts["xx"] >= 3  # the perturbed symmetric problem takes several updates
+    assert counts["xy"] == 1  # the (a, b) problem met tol at once: converge's first update only
+    assert warm.value.item() == pytest.approx(cold.value.item(), rel=1e-3)
+
+
 def test_warm_start_gradients_match_cold():
     x, a, y, b = weighted_clouds(n=30, m=25)
     kw = dict(a=a, b=b, blur=0.2, tol=1e-12, max_iter=20000)
