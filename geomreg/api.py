@@ -226,7 +226,7 @@ def divergence(
     if loss == "sinkhorn":
         d = bbox_diameter if diameter is None else float(diameter)
         n_steps = estimate_steps(p, d, blur, scaling)
-        if n_steps + 1 > max_iter:
+        if n_steps + 1 > max_iter and init is None:  # a warm start skips the schedule
             raise ParameterError(
                 "max_iter",
                 f"the schedule alone needs {n_steps + 1} iterations (diameter {d:.4g}, blur "

@@ -657,23 +657,34 @@ def test_noise_scale_of_a_scan_and_the_cutoffs_above_it(monkeypatch):
     assert noise > 0.009 and seen[-1] == pytest.approx(registration.SURFACE_NOISE * noise)
 
 
-def test_flow_warm_starts_extrapolate_the_last_two_steps_potentials():
+def test_flow_warm_starts_extrapolate_the_last_steps_potentials():
     from geomreg.engine.base import Duals
     from geomreg.registration import WARM_AHEAD, _extrapolated
 
     t = torch.tensor
     now = Duals(t([[1.0, 2.0]]), t([[3.0]]), t([[0.5, 0.5]]), t([[1.0]]))
     before = Duals(t([[0.0, 2.0]]), t([[4.0]]), t([[0.5, 0.0]]), t([[2.0]]))
-    out = _extrapolated(now, before)
+    out = _extrapolated([before, now])  # two steps: the fixed share of the last change
     assert torch.allclose(out.xy, torch.tensor([[1.0 + WARM_AHEAD, 2.0]]))
     assert torch.allclose(out.yx, torch.tensor([[3.0 - WARM_AHEAD]]))
     assert torch.allclose(out.xx, torch.tensor([[0.5, 0.5 + 0.5 * WARM_AHEAD]]))
     assert out.yy is now.yy  # the target's own potential: the target does not move
-    assert _extrapolated(now, None) is now
+    assert _extrapolated([now]) is now
     other = before._replace(xy=torch.zeros(1, 3))  # another cloud: nothing to extrapolate from
-    assert _extrapolated(now, other) is now
+    assert _extrapolated([other, now]) is now
     half = Duals(now.xy, now.yx)  # not debiased, unlike the step before: as they are
-    assert _extrapolated(half, before) is half
+    assert _extrapolated([before, half]) is half
+    # three steps whose changes shrink geometrically (ratio 0.8, 0.5 for yx): the next one exactly
+    v, w = t([[1.0, -2.0]]), t([[3.0]])
+    steps = [Duals(k * v, (1 - 0.5**k) * w, 0.8**k * v, t([[0.0]])) for k in range(3)]
+    steps = [s._replace(xy=sum(0.8**i for i in range(k)) * v) for k, s in enumerate(steps)]
+    out = _extrapolated(steps)
+    assert torch.allclose(out.xy, sum(0.8**i for i in range(3)) * v)
+    assert torch.allclose(out.yx, (1 - 0.5**3) * w)
+    assert torch.allclose(out.xx, 0.8**3 * v)  # ratio 0.8 of the changes of 0.8**k v as well
+    # a change that reverses direction: no extrapolation past the last value (share 0)
+    back = [steps[0], steps[1], steps[0]]
+    assert torch.equal(_extrapolated(back).xy, steps[0].xy)
 
 
 def test_fixed_target_keeps_the_targets_own_potential_and_the_value():

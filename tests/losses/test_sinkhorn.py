@@ -413,6 +413,25 @@ def test_converged_problems_stop_updating(monkeypatch):
     assert warm.value.item() == pytest.approx(cold.value.item(), rel=1e-3)
 
 
+def test_value_is_second_order_in_a_symmetric_potential_kept_as_it_is():
+    """A warm start whose (a, a) potential is within tol at once is kept without an update;
+    the value (semi-dual of the symmetric terms) still errs at second order in its error."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(150, 3, generator=g, dtype=torch.float64)
+    ref = geomreg.divergence(x, y + 0.1, blur=0.1, tol=1e-12, max_iter=20000)
+    errors = []
+    for size in (2e-6, 1e-6):  # marginal errors 4e-4 and 2e-4: below tol, so no update
+        start = ref.duals._replace(xx=ref.duals.xx + size * (1 + torch.sin(7 * x[:, 0]))[None])
+        warm = geomreg.divergence(x, y + 0.1, init=start, blur=0.1, tol=1e-3)
+        assert warm.n_iter == 2  # one converge iteration (nothing updated) and the final step
+        errors.append(abs(warm.value.item() - ref.value.item()))
+    # <a, T(s)> alone errs by about <a, delta>, 2e-6 and 1e-6 here (measured: 2.1e-6, 1.0e-6)
+    assert errors[0] < 1e-9 and errors[1] < 0.3 * errors[0]
+    # a warm start skips the schedule: max_iter needs only cover its own iterations
+    assert geomreg.divergence(x, y + 0.1, init=ref, blur=0.1, tol=1e-3, max_iter=2).n_iter <= 2
+
+
 def test_warm_start_gradients_match_cold():
     x, a, y, b = weighted_clouds(n=30, m=25)
     kw = dict(a=a, b=b, blur=0.2, tol=1e-12, max_iter=20000)
