@@ -629,6 +629,26 @@ def test_register_real_partial_scans_from_any_turn(turn):
     assert angle < 0.2 and shift.mean() < 0.002 * diag
 
 
+def test_target_planes_at_once_equal_those_computed_piece_by_piece(monkeypatch):
+    from geomreg import surface
+
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(800, 3, generator=g, dtype=torch.float64)
+    rows = torch.tensor([5, 17, 5, 640, 3])
+    eager = surface.Target(pts)
+    first = eager.planes(rows)
+    assert bool(eager._done.all())  # a small cloud: every plane at the first query
+    monkeypatch.setattr(surface, "EAGER_PLANES", 100)
+    lazy = surface.Target(pts)
+    again = lazy.planes(rows)
+    assert int(lazy._done.sum()) == 4  # a larger one: the queried points' planes only
+    for a, b in zip(first, again, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    more = torch.tensor([100, 200])
+    for a, b in zip(eager.planes(more), lazy.planes(more), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 def test_noise_scale_of_a_scan_and_the_cutoffs_above_it(monkeypatch):
     """Target.noise: about sigma for gaussian noise across a plane, ~0 on a clean one; register's
     last surface cut-off stays above SURFACE_NOISE times the clouds' residual scale."""
