@@ -1,5 +1,6 @@
 /* Block-sparse log-sum-exp reductions and screening for the multiscale backend
- * (p = 2, float32, CPU).
+ * (p = 2, float32, CPU; the reductions in float64 too, compiled a second time with
+ * -DGEOMREG_DOUBLE).
  *
  * Compiled once per machine by geomreg/engine/native.py and called through ctypes: every
  * caller thread runs the same function, taking tiles from a shared counter. Points are 3-D
@@ -30,10 +31,50 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* The working type: float, or double when compiled with -DGEOMREG_DOUBLE (the log-sum-exp
+ * reductions only; the screening and the grid's banded reduction are float32 code). */
+#ifdef GEOMREG_DOUBLE
+typedef double real;
+#define SQRT sqrt
+#else
+typedef float real;
+#define SQRT sqrtf
+#endif
+
 #define CHUNK 512
 /* largest gap between a row's shift and its maximum for the one-pass sum (see ROW_LSE) */
-#define MAX_SLACK 60.0f
+#define MAX_SLACK ((real)60.0)
 
+#ifdef GEOMREG_DOUBLE
+static inline double exp_neg(double x) {
+    /* exp(x) for x <= 0 in double: x = n ln 2 + r (|r| <= ln 2 / 2, ln 2 split in two parts
+     * so that r is exact), then the Taylor polynomial of degree 13 (truncation below 1e-17
+     * relative) by Horner's rule, which the compiler vectorizes; below -708 it returns about
+     * 3e-308, never a denormal. Above 0 it returns 1, as the float version does. */
+    x = x < -708.0 ? -708.0 : x;
+    x = x > 0.0 ? 0.0 : x;
+    double n = __builtin_floor(x * 1.4426950408889634 + 0.5);
+    double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t bits = ((int64_t)n + 1023) << 52;
+    double scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+#else
 static inline float exp_neg(float x) {
     /* exp(x) for x <= 0; below -87 it returns about 1.6e-38 instead of a denormal. Above 0
      * (the second pass recomputing a term a rounding above the first pass's maximum) it
@@ -55,6 +96,7 @@ static inline float exp_neg(float x) {
     __builtin_memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+#endif
 
 /* log sum_j exp(a_j + <u_k, (v0_j, v1_j, v2_j)>) over m columns, for R rows u_k at once
  * (sharing the loads of the columns). With bound == NULL, two passes: the maximum, then the
@@ -65,24 +107,24 @@ static inline float exp_neg(float x) {
  * mom[3k..3k+2] = sum_j e_kj v_j / sum_j e_kj (M is a constant: the M = 0 functions carry
  * no trace of it). */
 #define ROW_LSE(R, M, NAME)                                                                     \
-    static void NAME(const float *a, const float *v0, const float *v1, const float *v2,          \
-                     int64_t m, const float *u, const float *bound, double *out, double *mom) { \
-        float top[R], s[R], s0[R], s1[R], s2[R];                                                \
+    static void NAME(const real *a, const real *v0, const real *v1, const real *v2,          \
+                     int64_t m, const real *u, const real *bound, double *out, double *mom) { \
+        real top[R], s[R], s0[R], s1[R], s2[R];                                                \
         double total[R], t0[R], t1[R], t2[R];                                                   \
         for (int k = 0; k < R; k++)                                                             \
             top[k] = bound ? bound[k] : -INFINITY, total[k] = t0[k] = t1[k] = t2[k] = 0.0;     \
         if (!bound)                                                                             \
             for (int64_t j = 0; j < m; j++)                                                     \
                 for (int k = 0; k < R; k++) {                                                   \
-                    float z = a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] + u[3 * k + 2] * v2[j]; \
+                    real z = a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] + u[3 * k + 2] * v2[j]; \
                     top[k] = z > top[k] ? z : top[k];                                           \
                 }                                                                               \
         for (int64_t c = 0; c < m; c += CHUNK) {                                                \
             int64_t end = c + CHUNK < m ? c + CHUNK : m;                                        \
-            for (int k = 0; k < R; k++) s[k] = s0[k] = s1[k] = s2[k] = 0.0f;                    \
+            for (int k = 0; k < R; k++) s[k] = s0[k] = s1[k] = s2[k] = ((real)0.0);                    \
             for (int64_t j = c; j < end; j++)                                                   \
                 for (int k = 0; k < R; k++) {                                                   \
-                    float e = exp_neg(a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] +          \
+                    real e = exp_neg(a[j] + u[3 * k] * v0[j] + u[3 * k + 1] * v1[j] +          \
                                       u[3 * k + 2] * v2[j] - top[k]);                           \
                     s[k] += e;                                                                  \
                     if (M) s0[k] += e * v0[j], s1[k] += e * v1[j], s2[k] += e * v2[j];          \
@@ -103,11 +145,11 @@ ROW_LSE(4, 0, row_lse4)
 ROW_LSE(1, 1, row_mean1)
 
 /* Centroid of rows r0..r1-1 of p (N x 3). */
-static void centroid(const float *p, int64_t r0, int64_t r1, float o[3]) {
+static void centroid(const real *p, int64_t r0, int64_t r1, real o[3]) {
     double s[3] = {0.0, 0.0, 0.0};
     for (int64_t i = r0; i < r1; i++)
         for (int d = 0; d < 3; d++) s[d] += p[3 * i + d];
-    for (int d = 0; d < 3; d++) o[d] = (float)(s[d] / (double)(r1 - r0 > 0 ? r1 - r0 : 1));
+    for (int d = 0; d < 3; d++) o[d] = (real)(s[d] / (double)(r1 - r0 > 0 ? r1 - r0 : 1));
 }
 
 /* Number of columns of tile t. */
@@ -121,34 +163,34 @@ static int64_t n_columns(const int64_t *ptr, const int32_t *lo, const int32_t *h
 /* Points of one tile's runs (or of first..first+m-1 when lo is NULL), centred on o, in
  * structure-of-arrays form: v0, v1, v2 = (q - o) / eps and a = h - |q - o|^2 / (2 eps);
  * stats = (max a, max |v|), for the bounds of points_lse. */
-static void gather(const float *q, const float *h, const int64_t *ptr, const int32_t *lo, const int32_t *hi,
-                   int64_t t, int64_t first, int64_t m, const float o[3], float inv_eps, float *a, float *v0,
-                   float *v1, float *v2, float stats[2]) {
+static void gather(const real *q, const real *h, const int64_t *ptr, const int32_t *lo, const int32_t *hi,
+                   int64_t t, int64_t first, int64_t m, const real o[3], real inv_eps, real *a, real *v0,
+                   real *v1, real *v2, real stats[2]) {
     int64_t k = 0, n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
-    float top = -INFINITY, far = 0.0f;
+    real top = -INFINITY, far = ((real)0.0);
     for (int64_t r = 0; r < n_runs; r++) {
         int64_t j0 = lo ? lo[ptr[t] + r] : first, j1 = lo ? hi[ptr[t] + r] : first + m;
         for (int64_t j = j0; j < j1; j++, k++) {
-            float w0 = q[3 * j] - o[0], w1 = q[3 * j + 1] - o[1], w2 = q[3 * j + 2] - o[2];
-            float ww = w0 * w0 + w1 * w1 + w2 * w2;
+            real w0 = q[3 * j] - o[0], w1 = q[3 * j + 1] - o[1], w2 = q[3 * j + 2] - o[2];
+            real ww = w0 * w0 + w1 * w1 + w2 * w2;
             v0[k] = w0 * inv_eps;
             v1[k] = w1 * inv_eps;
             v2[k] = w2 * inv_eps;
-            a[k] = h[j] - 0.5f * ww * inv_eps;
+            a[k] = h[j] - ((real)0.5) * ww * inv_eps;
             top = a[k] > top ? a[k] : top;
             far = ww > far ? ww : far;
         }
     }
-    stats[0] = top, stats[1] = sqrtf(far) * inv_eps;
+    stats[0] = top, stats[1] = SQRT(far) * inv_eps;
 }
 
 /* A worker's buffer of at least 4 * m floats; NULL when out of memory. */
-static float *reserve(float **buf, int64_t *cap, int64_t m) {
+static real *reserve(real **buf, int64_t *cap, int64_t m) {
     if (m < 1) m = 1;
     if (m > *cap) {
         free(*buf);
         *cap = m;
-        *buf = (float *)malloc(4 * (size_t)m * sizeof(float));
+        *buf = (real *)malloc(4 * (size_t)m * sizeof(real));
     }
     return *buf;
 }
@@ -159,49 +201,49 @@ static float *reserve(float **buf, int64_t *cap, int64_t m) {
  * gap is small, max a + |u_k| max|v| serves as the shift and one pass suffices. With mean
  * != NULL, mean (R x 3) also gets each row's barycentre of the columns' points,
  * o + eps * (its mean of v), under the same weights. */
-static void points_lse(const float *a, const float *v0, const float *v1, const float *v2, int64_t m,
-                       const float stats[2], const float *pts, int R, const float o[3], float inv_eps,
-                       float *out, float *mean) {
-    float u[12], bound[4];
+static void points_lse(const real *a, const real *v0, const real *v1, const real *v2, int64_t m,
+                       const real stats[2], const real *pts, int R, const real o[3], real inv_eps,
+                       real *out, real *mean) {
+    real u[12], bound[4];
     double lse[4] = {0.0, 0.0, 0.0, 0.0}, mom[12];
     int one_pass = stats[0] > -INFINITY;
     for (int k = 0; k < R; k++) {
         for (int d = 0; d < 3; d++) u[3 * k + d] = pts[3 * k + d] - o[d];
-        const float *w = u + 3 * k;
-        float reach = sqrtf(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * stats[1];
+        const real *w = u + 3 * k;
+        real reach = SQRT(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * stats[1];
         bound[k] = stats[0] + reach;
-        one_pass = one_pass && 2.0f * reach <= MAX_SLACK && bound[k] < INFINITY;
+        one_pass = one_pass && ((real)2.0) * reach <= MAX_SLACK && bound[k] < INFINITY;
     }
-    const float *shift = one_pass ? bound : NULL;
+    const real *shift = one_pass ? bound : NULL;
     if (mean)
         row_mean1(a, v0, v1, v2, m, u, shift, lse, mom);  /* R = 1 (rows_lse) */
     else
         (R == 4 ? row_lse4 : row_lse1)(a, v0, v1, v2, m, u, shift, lse, NULL);
     for (int k = 0; k < R; k++) {
-        const float *w = u + 3 * k;
-        out[k] = (float)(lse[k] - 0.5 * (double)(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * inv_eps);
+        const real *w = u + 3 * k;
+        out[k] = (real)(lse[k] - 0.5 * (double)(w[0] * w[0] + w[1] * w[1] + w[2] * w[2]) * inv_eps);
         if (mean)
-            for (int d = 0; d < 3; d++) mean[3 * k + d] = (float)(o[d] + mom[3 * k + d] / inv_eps);
+            for (int d = 0; d < 3; d++) mean[3 * k + d] = (real)(o[d] + mom[3 * k + d] / inv_eps);
     }
 }
 
 /* Per tile: log-sum-exp over its columns for each of its rows (out: one value per row of p);
  * with mean != NULL (N x 3), each row's barycentre of the columns' points q as well, under
  * the weights exp(h_j - |p_i - q_j|^2 / (2 eps)) (NaN for a row without columns). */
-int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, const int64_t *r1,
+int rows_lse(const real *p, const real *q, const real *h, const int64_t *r0, const int64_t *r1,
              int64_t n_tiles, const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t m_all,
-             float eps, float *out, float *mean, int64_t *counter) {
-    float inv_eps = 1.0f / eps;
+             real eps, real *out, real *mean, int64_t *counter) {
+    real inv_eps = ((real)1.0) / eps;
     int64_t cap = 0;
-    float *buf = NULL;
+    real *buf = NULL;
     for (;;) {
         int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
         if (t >= n_tiles) break;
         int64_t m = n_columns(ptr, lo, hi, t, m_all);
         if (!reserve(&buf, &cap, m)) return -1;
-        float o[3];
+        real o[3];
         centroid(p, r0[t], r1[t], o);
-        float *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap, stats[2];
+        real *a = buf, *v0 = buf + cap, *v1 = buf + 2 * cap, *v2 = buf + 3 * cap, stats[2];
         gather(q, h, ptr, lo, hi, t, 0, m, o, inv_eps, a, v0, v1, v2, stats);
         if (m == 0) {
             for (int64_t i = r0[t]; i < r1[t]; i++) {
@@ -213,7 +255,7 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
         for (int64_t i = r0[t], R; i < r1[t]; i += R) {  /* with means, one row at a time: fewer
                                                                  accumulators (bunny: 15 ms, 18 with 4) */
             R = r1[t] - i >= 4 && !mean ? 4 : 1;
-            float lse[4];
+            real lse[4];
             points_lse(a, v0, v1, v2, m, stats, p + 3 * i, R, o, inv_eps, lse, mean ? mean + 3 * i : NULL);
             for (int k = 0; k < R; k++) out[i + k] = lse[k];
         }
@@ -225,7 +267,7 @@ int rows_lse(const float *p, const float *q, const float *h, const int64_t *r0, 
 /* A worker's column buffers for cols_lse: w0, w1, w2, shift, sum (floats) and the
  * columns' indices, for at least m columns; -1 when out of memory. */
 typedef struct {
-    float *f;
+    real *f;
     int64_t *idx, cap;
 } ColumnBuffer;
 
@@ -235,7 +277,7 @@ static int reserve_columns(ColumnBuffer *b, int64_t m) {
     free(b->f);
     free(b->idx);
     b->cap = m;
-    b->f = (float *)malloc(5 * (size_t)m * sizeof(float));
+    b->f = (real *)malloc(5 * (size_t)m * sizeof(real));
     b->idx = (int64_t *)malloc((size_t)m * sizeof(int64_t));
     return b->f && b->idx ? 0 : -1;
 }
@@ -244,7 +286,7 @@ static int reserve_columns(ColumnBuffer *b, int64_t m) {
  * under it, into the worker's running reference amax[j] (the largest shift so far) and
  * sum asum[j]: one exponential in double (float32's would make the sums depend on the
  * order of the merges, hence on the number of threads, at 1e-7), no logarithm. */
-static inline void merge_part(float top, double sum, float *amax, double *asum) {
+static inline void merge_part(real top, double sum, real *amax, double *asum) {
     if (!(sum > 0.0) || !(top > -INFINITY)) return;
     if (top > *amax) {
         *asum = *asum * exp((double)*amax - (double)top) + sum;
@@ -261,13 +303,13 @@ static inline void merge_part(float top, double sum, float *amax, double *asum) 
  * max a + |w| max|v| when it is within MAX_SLACK of the maximum for every column, else
  * the maximum itself from a first pass), and each row adds its terms to every column's
  * sum. */
-static int tile_columns(const float *a, const float *v0, const float *v1, const float *v2, int64_t rows,
-                        const float stats[2], const float *q, const float o[3], float inv_eps,
+static int tile_columns(const real *a, const real *v0, const real *v1, const real *v2, int64_t rows,
+                        const real stats[2], const real *q, const real o[3], real inv_eps,
                         const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t t, int64_t m_all,
-                        ColumnBuffer *b, float *amax, double *asum) {
+                        ColumnBuffer *b, real *amax, double *asum) {
     int64_t m = n_columns(ptr, lo, hi, t, m_all);
     if (reserve_columns(b, m)) return -1;
-    float *w0 = b->f, *w1 = w0 + b->cap, *w2 = w1 + b->cap, *shift = w2 + b->cap, *sum = shift + b->cap;
+    real *w0 = b->f, *w1 = w0 + b->cap, *w2 = w1 + b->cap, *shift = w2 + b->cap, *sum = shift + b->cap;
     int64_t k = 0, n_runs = lo ? ptr[t + 1] - ptr[t] : 1;
     for (int64_t r = 0; r < n_runs; r++) {
         int64_t j0 = lo ? lo[ptr[t] + r] : 0, j1 = lo ? hi[ptr[t] + r] : m_all;
@@ -278,10 +320,10 @@ static int tile_columns(const float *a, const float *v0, const float *v1, const 
     }
     int64_t loose = 0;  /* columns whose bound may exceed their maximum by more than MAX_SLACK */
     for (k = 0; k < m; k++) {
-        float reach = sqrtf(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * stats[1];
+        real reach = SQRT(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * stats[1];
         shift[k] = stats[0] + reach;
-        sum[k] = 0.0f;
-        if (!(stats[0] > -INFINITY && 2.0f * reach <= MAX_SLACK && shift[k] < INFINITY)) {
+        sum[k] = ((real)0.0);
+        if (!(stats[0] > -INFINITY && ((real)2.0) * reach <= MAX_SLACK && shift[k] < INFINITY)) {
             shift[k] = NAN;
             loose++;
         }
@@ -290,24 +332,24 @@ static int tile_columns(const float *a, const float *v0, const float *v1, const 
         for (k = 0; k < m; k++) shift[k] = -INFINITY;
         for (int64_t i = 0; i < rows; i++)
             for (k = 0; k < m; k++) {
-                float z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
+                real z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
                 shift[k] = z > shift[k] ? z : shift[k];
             }
     }
     for (k = 0; loose && 4 * loose <= m && k < m; k++) {  /* few: each on its own */
         if (shift[k] == shift[k]) continue;
-        float top = -INFINITY;
+        real top = -INFINITY;
         for (int64_t i = 0; i < rows; i++) {
-            float z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
+            real z = a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k];
             top = z > top ? z : top;
         }
         shift[k] = top;
     }
-    int64_t i = 0;  /* four rows per sweep of the columns; at most TILE_ROWS terms per float sum */
+    int64_t i = 0;  /* four rows per sweep of the columns; at most TILE_ROWS terms per real sum */
     for (; i + 4 <= rows; i += 4) {
-        const float *A = a + i, *X = v0 + i, *Y = v1 + i, *Z = v2 + i;
+        const real *A = a + i, *X = v0 + i, *Y = v1 + i, *Z = v2 + i;
         for (k = 0; k < m; k++) {
-            float c0 = w0[k], c1 = w1[k], c2 = w2[k], sh = shift[k];
+            real c0 = w0[k], c1 = w1[k], c2 = w2[k], sh = shift[k];
             sum[k] += exp_neg(A[0] + X[0] * c0 + Y[0] * c1 + Z[0] * c2 - sh) +
                       exp_neg(A[1] + X[1] * c0 + Y[1] * c1 + Z[1] * c2 - sh) +
                       exp_neg(A[2] + X[2] * c0 + Y[2] * c1 + Z[2] * c2 - sh) +
@@ -317,7 +359,7 @@ static int tile_columns(const float *a, const float *v0, const float *v1, const 
     for (; i < rows; i++)
         for (k = 0; k < m; k++) sum[k] += exp_neg(a[i] + v0[i] * w0[k] + v1[i] * w1[k] + v2[i] * w2[k] - shift[k]);
     for (k = 0; k < m; k++) {
-        float top = (float)(shift[k] - 0.5 * (double)(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * inv_eps);
+        real top = (real)(shift[k] - 0.5 * (double)(w0[k] * w0[k] + w1[k] * w1[k] + w2[k] * w2[k]) * inv_eps);
         merge_part(top, (double)sum[k], amax + b->idx[k], asum + b->idx[k]);
     }
     return 0;
@@ -325,12 +367,12 @@ static int tile_columns(const float *a, const float *v0, const float *v1, const 
 
 /* Per tile: for each kept column j, log sum_i exp(hp_i - |p_i - q_j|^2 / (2 eps)) over the
  * tile's rows i, merged into (amax[j], asum[j]): log sum = amax + log(asum). */
-int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0, const int64_t *r1,
+int cols_lse(const real *p, const real *q, const real *hp, const int64_t *r0, const int64_t *r1,
              int64_t n_tiles, const int64_t *ptr, const int32_t *lo, const int32_t *hi, int64_t m_all,
-             float eps, float *amax, double *asum, int64_t worker, int64_t n_workers, int64_t t_offset) {
-    float inv_eps = 1.0f / eps;
+             real eps, real *amax, double *asum, int64_t worker, int64_t n_workers, int64_t t_offset) {
+    real inv_eps = ((real)1.0) / eps;
     int64_t cap = 0;
-    float *buf = NULL;
+    real *buf = NULL;
     ColumnBuffer cols = {NULL, NULL, 0};
     int status = 0;
     int64_t first = ((worker - t_offset) % n_workers + n_workers) % n_workers;
@@ -340,9 +382,9 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
             status = -1;
             break;
         }
-        float o[3];
+        real o[3];
         centroid(p, r0[t], r1[t], o);
-        float *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap, stats[2];
+        real *a = buf, *u0 = buf + cap, *u1 = buf + 2 * cap, *u2 = buf + 3 * cap, stats[2];
         gather(p, hp, NULL, NULL, NULL, t, r0[t], rows, o, inv_eps, a, u0, u1, u2, stats);
         status = tile_columns(a, u0, u1, u2, rows, stats, q, o, inv_eps, ptr, lo, hi, t, m_all, &cols, amax, asum);
     }
@@ -352,6 +394,7 @@ int cols_lse(const float *p, const float *q, const float *hp, const int64_t *r0,
     return status;
 }
 
+#ifndef GEOMREG_DOUBLE
 /* Screening of a truncated Sinkhorn pair, p = 2 (the quadratic bound of truncate_pair).
  *
  * Row tile t (sorted rows r0[t]..r1[t]-1 of x, potentials f) has the bound statistics
@@ -539,3 +582,4 @@ int band_lse_1d(const float *x, int64_t n_l, const float *u, int64_t n_j, const 
     free(buf);
     return 0;
 }
+#endif

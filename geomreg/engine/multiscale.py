@@ -647,7 +647,7 @@ class MultiscaleBackend(Backend):
         if not isinstance(pair.fn, Cost):
             raise TypeError("softmin needs a cost pair")
         hs = h[0] if pair.col_perm is None else h[0][pair.col_perm]
-        if pair.fn.p == 2 and native.usable(pair.x, pair.y, hs):
+        if pair.fn.p == 2 and native.usable(pair.x, pair.y, hs, double=True):
             return self._softmin_native(eps, pair, hs)
         if pair.transposed:
             return self._softmin_columns(eps, pair, hs)
@@ -665,7 +665,7 @@ class MultiscaleBackend(Backend):
         if pair.transposed:  # tiles over pair.y (values h), kept entries index pair.x
             p, q = native.points3(pair.x), native.points3(pair.y)
             n, w = pair.x.shape[0], native.n_workers()
-            amax = torch.full((w, n), -math.inf, dtype=torch.float32)
+            amax = torch.full((w, n), -math.inf, dtype=h.dtype)
             asum = torch.zeros(w, n, dtype=torch.float64)
             first = 0  # the chunk's first tile: the workers' sums do not depend on the chunks
             for r0, r1, ptr, lo, hi in _tile_chunks(pair):
@@ -688,7 +688,7 @@ class MultiscaleBackend(Backend):
     def _rows_native(eps: float, pair: BlockPair, h: torch.Tensor, mean: torch.Tensor | None = None):
         """The compiled row log-sum-exps of a pair that is not transposed (sorted rows; ``mean`` too)."""
         p, q = native.points3(pair.x), native.points3(pair.y)
-        lse = torch.empty(pair.x.shape[0], dtype=torch.float32)
+        lse = torch.empty(pair.x.shape[0], dtype=pair.x.dtype)
         for r0, r1, ptr, lo, hi in _tile_chunks(pair):
             native.rows_lse(p, q, h, r0, r1, ptr, lo, hi, eps, lse, mean)
         return lse
@@ -699,12 +699,12 @@ class MultiscaleBackend(Backend):
 
         One pass of the kernel weighs the columns' points as it sums (``base`` is not
         needed) instead of the D more softmins of the default, which runs everywhere else
-        (float64, p = 1, transposed pairs, no compiler).
+        (p = 1, transposed pairs, no compiler).
         """
         if isinstance(pair.fn, Cost) and pair.fn.p == 2 and not pair.transposed:
             hs = h[0] if pair.col_perm is None else h[0][pair.col_perm]
-            if native.usable(pair.x, pair.y, hs):
-                mean = torch.empty(pair.x.shape[0], 3, dtype=torch.float32)
+            if native.usable(pair.x, pair.y, hs, double=True):
+                mean = torch.empty(pair.x.shape[0], 3, dtype=pair.x.dtype)
                 self._rows_native(eps, pair, hs, mean)
                 out = mean[:, : pair.x.shape[1]]
                 if pair.row_inverse is not None:

@@ -17,8 +17,11 @@ each compile and the last rename wins, and no process ever loads a half-written 
 
 Where no compiler works, or with ``GEOMREG_NATIVE=0`` in the environment, :func:`kernel`
 returns None and the backend keeps its torch path (same values); geomreg says why once on
-stderr. The kernel covers float32 on the CPU without autograd; everything else (float64,
-gradients, CUDA, p = 1, kernels) runs in torch.
+stderr. The kernel covers float32 on the CPU without autograd, and its two reductions
+(:func:`rows_lse`, :func:`cols_lse`) float64 as well: the same source compiled a second time
+with ``-DGEOMREG_DOUBLE`` (double arithmetic throughout, exp a degree-13 polynomial). The
+screening (:class:`TileScreen`) and the grid's banded reduction are float32 only; gradients,
+CUDA, p = 1 and kernels run in torch.
 
 Threads: the callers run one worker per torch thread (``torch.get_num_threads()``), each a
 ctypes call (which releases the GIL) taking tiles from a shared counter.
@@ -46,8 +49,10 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fass
 #: set to 0 to keep the torch path (e.g. to compare both)
 ENV_SWITCH = "GEOMREG_NATIVE"
 
-_state: dict[str, Any] = {"lib": None, "tried": False, "pool": None, "pool_size": 0}
+_state: dict[str, Any] = {"lib": {}, "tried": set(), "pool": None, "pool_size": 0}
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+#: the compiler flag of each working type's build
+_VARIANT = {torch.float32: [], torch.float64: ["-DGEOMREG_DOUBLE"]}
 
 
 def cache_folder() -> Path:
@@ -67,13 +72,13 @@ def _cpu_key() -> str:
     return key
 
 
-def _compile(cc: str, target: Path) -> None:
-    """Compile :data:`SOURCE` into ``target`` through a temporary file renamed into place."""
+def _compile(cc: str, target: Path, extra: list[str]) -> None:
+    """Compile :data:`SOURCE` with the flags ``extra`` into ``target`` (a temporary file, renamed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+        proc = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
                               text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(" ".join((proc.stderr or proc.stdout).split())[:300])
@@ -83,53 +88,64 @@ def _compile(cc: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def _load() -> ctypes.CDLL:
-    """Compile (once per machine) and load the kernel; raises OSError when that fails."""
+def _load(dtype: torch.dtype) -> ctypes.CDLL:
+    """Compile (once per machine) and load the kernel of ``dtype``; raises OSError when that fails."""
     cc = os.environ.get("CC") or "cc"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise OSError(f"no C compiler ({cc}): {exc}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    extra = _VARIANT[dtype]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + extra), version,
+                                    _cpu_key()]).encode())
     target = cache_folder() / "native" / f"lse-{key.hexdigest()[:16]}.so"
     if not target.exists():
-        print("geomreg: compiling the multiscale kernel once (about 1 s)", file=sys.stderr, flush=True)
-        _compile(cc, target)
+        name = "" if dtype == torch.float32 else " (float64)"
+        print(f"geomreg: compiling the multiscale kernel{name} once (about 1 s)", file=sys.stderr, flush=True)
+        _compile(cc, target, extra)
     lib = ctypes.CDLL(str(target))
-    common = [_P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _F32]
+    common = [_P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64,
+              _F32 if dtype == torch.float32 else ctypes.c_double]
     lib.rows_lse.argtypes = [*common, _P, _P, _P]
     lib.cols_lse.argtypes = [*common, _P, _P, _I64, _I64, _I64]
-    lib.screen_tiles.argtypes = ([_P] * 4 + [_I64] + [_P] * 9 + [_F32, _F32, _I64, ctypes.c_int] + [_P] * 7
-                                 + [_I64, _I64, _P])
-    lib.rows_lse.restype = lib.cols_lse.restype = lib.screen_tiles.restype = ctypes.c_int
+    lib.rows_lse.restype = lib.cols_lse.restype = ctypes.c_int
+    if dtype == torch.float32:
+        lib.screen_tiles.argtypes = ([_P] * 4 + [_I64] + [_P] * 9 + [_F32, _F32, _I64, ctypes.c_int]
+                                     + [_P] * 7 + [_I64, _I64, _P])
+        lib.screen_tiles.restype = ctypes.c_int
     return lib
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (no compiler, or ``GEOMREG_NATIVE=0``): the torch path then."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+def kernel(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The loaded kernel of ``dtype``, or None (no compiler, or ``GEOMREG_NATIVE=0``): the torch path then."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or dtype not in _VARIANT:
         return None
-    if not _state["tried"]:
-        _state["tried"] = True
+    if dtype not in _state["tried"]:
+        _state["tried"].add(dtype)
         try:
-            _state["lib"] = _load()
+            _state["lib"][dtype] = _load(dtype)
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"geomreg: the multiscale kernel could not be built ({exc}); using its slower "
                   "torch blocks", file=sys.stderr, flush=True)
-    return _state["lib"]
+    return _state["lib"].get(dtype)
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel can take these: float32 CPU tensors without autograd, and a kernel."""
+def usable(*tensors: torch.Tensor, double: bool = False) -> bool:
+    """Whether the kernel takes these CPU tensors without autograd: float32, or float64 too (``double``).
+
+    Only the two reductions have a float64 build; the caller says whether it wants one.
+    """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    dtype = tensors[0].dtype
+    allowed = (torch.float32, torch.float64) if double else (torch.float32,)
+    if dtype not in allowed or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
         return False
-    return kernel() is not None
+    return kernel(dtype) is not None
 
 
 def points3(x: torch.Tensor) -> torch.Tensor:
-    """``(N, 3)`` contiguous float32 copy of ``x (N, D <= 3)``, padded with zeros."""
+    """``(N, 3)`` contiguous copy of ``x (N, D <= 3)`` (same dtype), padded with zeros."""
     x = x.detach()
     if x.shape[1] < 3:
         x = torch.cat([x, x.new_zeros(x.shape[0], 3 - x.shape[1])], dim=1)
@@ -169,7 +185,7 @@ def rows_lse(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, r0: torch.Tensor
     ``p (N, 3)``, ``q (M, 3)`` from :func:`points3`; ``h (M,)``; tile ``t`` is the rows
     ``r0[t]:r1[t]`` (int64) against the columns of the runs ``lo[k]:hi[k]`` (int32) for k in
     ``ptr[t]:ptr[t+1]`` (int64), or every column when ``lo`` is None. Rows outside the tiles
-    are left as they are; a tile without columns gives -inf. ``mean (N, 3)``, float32
+    are left as they are; a tile without columns gives -inf. ``mean (N, 3)``, the points' dtype,
     contiguous, when given: each row's barycentre :math:`\sum_j w_{ij} q_j / \sum_j w_{ij}`
     under the same terms :math:`w_{ij} = e^{h_j - |p_i - q_j|^2/2\varepsilon}`, in the same
     pass (NaN for a row without columns).
@@ -178,7 +194,7 @@ def rows_lse(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, r0: torch.Tensor
     h = h.detach().contiguous()
     args = _tile_args(p, q, h, r0, r1, ptr, lo, hi, eps)
     means = None if mean is None else mean.data_ptr()
-    _run(kernel().rows_lse, lambda w: (*args, out.data_ptr(), means, counter.data_ptr()))
+    _run(kernel(p.dtype).rows_lse, lambda w: (*args, out.data_ptr(), means, counter.data_ptr()))
 
 
 def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor,
@@ -187,7 +203,7 @@ def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tenso
     r"""Merge, per kept column j, :math:`\log\sum_i \exp(hp_i - |p_i - q_j|^2 / 2\varepsilon)`.
 
     Tiles as in :func:`rows_lse`, the sums running down the tiles' rows. ``amax (W, M)``
-    float32 and ``asum (W, M)`` float64 hold one running reference and sum per worker thread
+    (the points' dtype) and ``asum (W, M)`` float64 hold one running reference and sum per worker
     (start from -inf and 0); :func:`merge_workers` then gives the log-sum-exp of each
     column. Worker w takes the tiles t with ``(t + t_offset) % W == w``: with ``t_offset``
     the index of the call's first tile, the sums come out the same however the tiles are cut
@@ -196,16 +212,20 @@ def cols_lse(p: torch.Tensor, q: torch.Tensor, hp: torch.Tensor, r0: torch.Tenso
     hp = hp.detach().contiguous()
     args = _tile_args(p, q, hp, r0, r1, ptr, lo, hi, eps)
     n = amax.shape[0]
-    _run(kernel().cols_lse, lambda w: (*args, amax[w].data_ptr(), asum[w].data_ptr(), w, n, t_offset), n)
+    fn = kernel(p.dtype).cols_lse
+    _run(fn, lambda w: (*args, amax[w].data_ptr(), asum[w].data_ptr(), w, n, t_offset), n)
 
 
 def merge_workers(amax: torch.Tensor, asum: torch.Tensor) -> torch.Tensor:
-    """``(M,)`` log-sum-exps from the workers' running references ``amax`` and sums ``asum``; -inf: none."""
+    """``(M,)`` log-sum-exps from the workers' running references ``amax`` and sums ``asum`` (-inf: none).
+
+    In ``amax``'s dtype.
+    """
     top = amax.amax(0)
     safe = torch.where(top > -torch.inf, top, 0.0)
     scale = torch.where(amax > -torch.inf, (amax - safe).double().exp(), 0.0)
     total = (asum * scale).sum(0)
-    return (safe.double() + total.log()).float()
+    return (safe.double() + total.log()).to(amax.dtype)
 
 
 class TileScreen:
