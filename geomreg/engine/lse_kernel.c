@@ -184,7 +184,7 @@ static void gather(const real *q, const real *h, const int64_t *ptr, const int32
     stats[0] = top, stats[1] = SQRT(far) * inv_eps;
 }
 
-/* A worker's buffer of at least 4 * m floats; NULL when out of memory. */
+/* A worker's buffer of at least 4 * m values (real); NULL when out of memory. */
 static real *reserve(real **buf, int64_t *cap, int64_t m) {
     if (m < 1) m = 1;
     if (m > *cap) {
@@ -264,7 +264,7 @@ int rows_lse(const real *p, const real *q, const real *h, const int64_t *r0, con
     return 0;
 }
 
-/* A worker's column buffers for cols_lse: w0, w1, w2, shift, sum (floats) and the
+/* A worker's column buffers for cols_lse: w0, w1, w2, shift, sum (real) and the
  * columns' indices, for at least m columns; -1 when out of memory. */
 typedef struct {
     real *f;
