@@ -78,17 +78,18 @@ _DENSE_MATRICES = 4
 #: Sinkhorn took 0.64 s dense vs 1.85 s online at 2000 x 2000 and 4.4 s vs 11.1 s at
 #: 5000 x 5000.
 _GPU_DENSE_MAX_PAIRS = 5000 * 5000
-#: On the CPU, ``auto`` leaves the dense backend above this many pairs for multiscale (in
-#: float64, or without the compiled multiscale kernel). Measured (2 cores, blur 0.05,
-#: default tol, uniform 3-D clouds, best of 3), dense vs multiscale: float64 0.16 s vs 0.30 s
-#: at 1000^2, 0.67 s vs 0.58 s at 2000^2, 1.79 s vs 0.83 s at 3000^2; float32 without the
-#: kernel (torch blocks) 0.39 s vs 0.52 s at 2000^2, 0.90 s vs 0.64 s at 3000^2. The same
-#: values to 7 digits.
+#: On the CPU, ``auto`` leaves the dense backend above this many pairs for multiscale
+#: (without the compiled multiscale kernel). Measured (2 cores, blur 0.05, default tol,
+#: uniform 3-D clouds, best of 3), dense vs multiscale: float64 in torch blocks 0.16 s vs
+#: 0.30 s at 1000^2, 0.67 s vs 0.58 s at 2000^2, 1.79 s vs 0.83 s at 3000^2; float32 (torch
+#: blocks) 0.39 s vs 0.52 s at 2000^2, 0.90 s vs 0.64 s at 3000^2. The same values to 7
+#: digits.
 _DENSE_MAX_PAIRS = 2000 * 2000
 #: ... and above this many in float32 where the compiled kernel runs (:mod:`.native`):
 #: dense vs multiscale 0.106 s vs 0.107 s at 1000^2, 0.37 s vs 0.18 s at 2000^2, 0.97 s vs
 #: 0.28 s at 3000^2 (3-D; 2-D: 0.084 / 0.083, 0.31 / 0.12, 0.67 / 0.16 s); with a gradient
-#: (the loop runs without one) 0.13 / 0.16, 0.53 / 0.28, 1.97 / 0.39 s.
+#: (the loop runs without one) 0.13 / 0.16, 0.53 / 0.28, 1.97 / 0.39 s. In float64 with the
+#: kernel's float64 build: 0.20 / 0.20, 0.83 / 0.37, 1.81 / 0.51 s.
 _DENSE_MAX_PAIRS_NATIVE = 1000 * 1000
 
 
@@ -98,11 +99,14 @@ def _cpu_dense_limit(pairs: int, itemsize: int, batch: int, dim: int) -> int:
     The kernel is looked for (and built, once) only when the answer depends on it.
     """
     native_limit = min(_DENSE_MAX_PAIRS, _DENSE_MAX_PAIRS_NATIVE)
-    if not (itemsize == 4 and batch == 1 and dim <= 3 and native_limit < pairs <= _DENSE_MAX_PAIRS):
+    if not (itemsize in (4, 8) and batch == 1 and dim <= 3 and native_limit < pairs <= _DENSE_MAX_PAIRS):
         return _DENSE_MAX_PAIRS
+    import torch
+
     from . import native
 
-    return native_limit if native.kernel() is not None else _DENSE_MAX_PAIRS
+    dtype = torch.float32 if itemsize == 4 else torch.float64
+    return native_limit if native.kernel(dtype) is not None else _DENSE_MAX_PAIRS
 
 
 def available_backends() -> list[str]:

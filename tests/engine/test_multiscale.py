@@ -297,12 +297,14 @@ def test_auto_takes_multiscale_for_large_3d_problems(monkeypatch):
 
     small = choose_backend("auto", n=1000, m=1000, dim=3, itemsize=4, memory_bytes=2**50)
     assert small.name == "tensorized"
-    # float32 with the compiled kernel: multiscale from 1000^2 pairs; float64: from 2000^2
+    # with the compiled kernel (float32 or its float64 build): multiscale from 1000^2 pairs
     mid32 = choose_backend("auto", n=2000, m=1000, dim=2, itemsize=4, memory_bytes=2**50)
     assert mid32.name == ("multiscale" if native.kernel() is not None else "tensorized")
-    assert choose_backend("auto", n=2000, m=2000, dim=3, itemsize=8, memory_bytes=2**50).name == "tensorized"
+    mid64 = choose_backend("auto", n=2000, m=1000, dim=3, itemsize=8, memory_bytes=2**50)
+    assert mid64.name == ("multiscale" if native.kernel(torch.float64) is not None else "tensorized")
     assert choose_backend("auto", n=2000, m=2001, dim=3, itemsize=8, memory_bytes=2**50).name == "multiscale"
-    monkeypatch.setattr(native, "kernel", lambda: None)  # no compiler: torch blocks, float64's limit
+    monkeypatch.setattr(native, "kernel", lambda dtype=None: None)  # no compiler: torch blocks, up to 2000^2
+    assert choose_backend("auto", n=2000, m=2000, dim=3, itemsize=8, memory_bytes=2**50).name == "tensorized"
     assert choose_backend("auto", n=2000, m=1000, dim=3, itemsize=4, memory_bytes=2**50).name == "tensorized"
     assert choose_backend("auto", n=2000, m=2001, dim=3, itemsize=4, memory_bytes=2**50).name == "multiscale"
     big = choose_backend("auto", n=100_000, m=80_000, dim=3, itemsize=4, memory_bytes=2**50)
