@@ -79,7 +79,8 @@ FIT_STOP = 0.05
 #: landmark errors no higher in 8 of the 9 cases (the fish 1.75, 2.62, 2.94 % against 1.85,
 #: 2.84, 3.15 %; one bunny 1.59 against 1.58 %), the fits 0.1-0.3 s shorter
 OVER_RELAX = 1.5
-#: ``register`` runs at least this many outer iterations per level of a warp's fit
+#: ``register`` allows a warp's fit at least this many outer iterations per level (``fits`` when
+#: larger); a level still ends early once no point moves by more than ``FIT_STOP`` blurs
 WARP_FITS = 4
 #: L-BFGS iterations per outer iteration of the diffeomorphism
 DIFFEO_LBFGS = 8
