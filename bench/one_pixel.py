@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from bench_grid import DATA, PAIR, case_arrays, image_density, to_measures
-from common import loadavg, median
+from common import loadavg, median, timed
 
 import geomreg
 
@@ -69,9 +69,8 @@ def timed_runs(mu, nu, a, b, n: int, ref: float, repeats: int) -> None:
     before = loadavg()
     for _ in range(repeats):
         for k, fn in runs.items():
-            t0 = time.perf_counter()
-            values[k] = fn()
-            times[k].append(time.perf_counter() - t0)
+            t, values[k] = timed(fn, torch.device("cpu"))
+            times[k].append(t)
     after = loadavg()
     print(f"{n}^2, blur 1/{n}, reference {ref:.8g}; load average {before} -> {after}; "
           f"medians of {repeats}")
